@@ -1,0 +1,1 @@
+"""Sharded checkpoints: save, resume (also on another world size), consolidate, export, inspect."""

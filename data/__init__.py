@@ -1,0 +1,1 @@
+"""C4 / SlimPajama -> SentencePiece tokens -> packed binary shards -> distributed, resumable loader."""

@@ -1,0 +1,72 @@
+"""TinyLlama-style Llama configurations by name, built as `litgpt.Config`.
+
+| name | use | layers | d | heads (kv) | MLP | vocab |
+|---|---|---|---|---|---|---|
+| `debug` | unit tests, < 1 M params | 2 | 64 | 4 (2) | 176 | 4,096 |
+| `tiny` | the CPU demo, ~12.6 M params | 6 | 384 | 6 (2) | 1,024 | 4,096 |
+| `tinyllama-1.1b` | TinyLlama 1.1B | 22 | 2,048 | 32 (4) | 5,632 | 32,000 |
+| `llama2-7b` | Llama-2 7B | 32 | 4,096 | 32 (32) | 11,008 | 32,000 |
+| `llama2-13b` | Llama-2 13B | 40 | 5,120 | 40 (40) | 13,824 | 32,000 |
+
+`vocab_size` can be overridden to match a tokenizer (the demo trains a 4,096-piece one).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from litgpt import Config
+from litgpt.model import GPT
+
+_LLAMA = dict(
+    bias=False,
+    norm_class_name="RMSNorm",
+    norm_eps=1e-5,
+    mlp_class_name="LLaMAMLP",
+    parallel_residual=False,
+    rotary_percentage=1.0,
+    rope_base=10000,
+)
+
+_CONFIGS: dict[str, dict[str, Any]] = {
+    # Sizes chosen so that FSDP shards on 2-4 ranks cut rows and heads mid-way (see tests).
+    "debug": dict(block_size=128, vocab_size=4096, n_layer=2, n_head=4, n_query_groups=2, n_embd=64,
+                  head_size=16, intermediate_size=176),
+    "tiny": dict(block_size=256, vocab_size=4096, n_layer=6, n_head=6, n_query_groups=2, n_embd=384,
+                 head_size=64, intermediate_size=1024),
+    "tinyllama-1.1b": dict(block_size=2048, vocab_size=32000, n_layer=22, n_head=32, n_query_groups=4,
+                           n_embd=2048, head_size=64, intermediate_size=5632),
+    "llama2-7b": dict(block_size=4096, vocab_size=32000, n_layer=32, n_head=32, n_query_groups=32,
+                      n_embd=4096, head_size=128, intermediate_size=11008),
+    "llama2-13b": dict(block_size=4096, vocab_size=32000, n_layer=40, n_head=40, n_query_groups=40,
+                       n_embd=5120, head_size=128, intermediate_size=13824),
+}
+
+CONFIG_NAMES: tuple[str, ...] = tuple(_CONFIGS)
+
+
+def get_config(name: str, **overrides: Any) -> Config:
+    """The named config as a `litgpt.Config`; keyword arguments override fields (e.g. `vocab_size`)."""
+    if name not in _CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; known configs: {', '.join(CONFIG_NAMES)}")
+    fields = {**_LLAMA, **_CONFIGS[name], **overrides}
+    fields.setdefault("padded_vocab_size", fields["vocab_size"])
+    if "vocab_size" in overrides and "padded_vocab_size" not in overrides:
+        fields["padded_vocab_size"] = overrides["vocab_size"]
+    return Config(name=name, **fields)
+
+
+def build_model(config: Config | str, device: torch.device | str | None = "meta") -> GPT:
+    """Instantiate `litgpt.model.GPT`; on the meta device by default (no memory is allocated)."""
+    if isinstance(config, str):
+        config = get_config(config)
+    with torch.device(device) if device is not None else _nullcontext():
+        return GPT(config)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,1 @@
+"""Adam-mini (one second moment per head/neuron/token block), exact under FSDP sharding."""

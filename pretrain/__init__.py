@@ -1,0 +1,1 @@
+"""The Lightning Fabric pretraining app."""
