@@ -1,0 +1,317 @@
+"""``python -m data.prepare`` / ``amp-prepare``: C4 / SlimPajama sources -> packed token shards.
+
+Layout written under ``--out DIR``::
+
+    DIR/train/manifest.json  DIR/train/<source-stem>-<hash>-NNNN.bin ...
+    DIR/val/manifest.json    DIR/val/...
+
+``data.loader.build_loader(DIR, "train" | "val", ...)`` reads it. With no ``--train``/``--val`` the
+embedded sample corpus and ``data/sample/tokenizer.model`` are used (the CPU demo)::
+
+    python -m data.prepare --out out/data/sample
+
+Each document becomes BOS + tokens + EOS; documents are concatenated in source order (sources sorted by
+path); each source's tokens are cut into shards of exactly --shard-tokens (the last one shorter). Nothing is dropped and nothing is padded. Decompression
+runs in this process; JSON parsing and tokenisation run in ``--workers`` processes, results are put back
+in order, so the output does not depend on the worker count.
+
+Restartability: every shard and manifest write is atomic (see data/shards.py) and the manifest is
+rewritten after each finished source file, so a re-run skips sources whose entry (path, size, mtime)
+matches and whose shards validate, and redoes the rest. A run with another tokenizer or other options
+into the same folder is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from data.errors import EXIT_DATA_ERROR, DataError
+from data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from data.readers import expand_sources, iter_lines, parse_line, source_format
+from data.shards import atomic_write_json, dtype_for_vocab, read_header, write_shard
+from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN, SAMPLE_VAL, Tokenizer
+
+BATCH_BYTES = 1 << 20  # raw JSON bytes per task sent to a worker
+DEFAULT_SHARD_TOKENS = 1 << 26
+
+# --- worker side --------------------------------------------------------------------------------
+
+_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOK
+    _TOK = Tokenizer(tokenizer_path)
+
+
+def _tokenize_batch(path: str, items: list[tuple[int, bytes]], skip_sets: frozenset[str]):
+    """Parse + tokenise one batch of raw lines -> (int32 tokens, documents, skip counts)."""
+    texts, skipped = [], collections.Counter()
+    for line_no, raw in items:
+        text, status = parse_line(path, line_no, raw, skip_sets)
+        if text is None:
+            skipped[status] += 1
+        else:
+            texts.append(text)
+    ids = _TOK.encode_documents(texts)
+    flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=sum(map(len, ids)))
+    return flat, len(texts), dict(skipped)
+
+
+class _Runner:
+    """Ordered, bounded parallel map: at most `depth` batches in flight, results in submission order.
+
+    Bounded (unlike Pool.imap, which drains its input eagerly) so memory stays flat on large files, and
+    reading errors surface in the main thread at the line where they happen.
+    """
+
+    def __init__(self, tokenizer_path: str, workers: int):
+        self.pool = None
+        if workers > 1:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path,))
+            self.depth = 2 * workers + 1
+        else:
+            _init_worker(tokenizer_path)
+            self.depth = 1
+        self.pending: collections.deque = collections.deque()
+
+    def submit(self, *args):
+        if self.pool is None:
+            self.pending.append(_tokenize_batch(*args))
+        else:
+            self.pending.append(self.pool.apply_async(_tokenize_batch, args))
+
+    def full(self) -> bool:
+        return len(self.pending) >= self.depth
+
+    def pop(self):
+        r = self.pending.popleft()
+        return r if self.pool is None else r.get()
+
+    def close(self, ok: bool):
+        if self.pool is not None:
+            (self.pool.close if ok else self.pool.terminate)()
+            self.pool.join()
+
+
+# --- main side ----------------------------------------------------------------------------------
+
+def _shard_stem(src: Path) -> str:
+    name = src.name
+    for suf in (".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst"):
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+    return f"{name}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}"
+
+
+def _source_done(split_dir: Path, prev: dict | None, src: Path, st: os.stat_result) -> bool:
+    if not prev or prev.get("size") != st.st_size or prev.get("mtime_ns") != st.st_mtime_ns:
+        return False
+    try:
+        for s in prev["shards"]:
+            _, count = read_header(split_dir / s["file"])
+            if count != s["num_tokens"]:
+                return False
+    except DataError:
+        return False
+    return True
+
+
+def _clear_split(split_dir: Path) -> None:
+    for p in split_dir.iterdir():
+        if p.name == MANIFEST_NAME or p.suffix in (".bin", ".tmp"):
+            p.unlink()
+
+
+def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
+                  workers: int = 1, skip_sets: Sequence[str] = (), shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Tokenise `sources` into ``out_dir/split/`` and return the final manifest."""
+    from tqdm import tqdm
+
+    split_dir = Path(out_dir) / split
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for p in split_dir.glob(".*.tmp"):  # leftovers of an interrupted run; never referenced
+        p.unlink()
+    tok = Tokenizer(tokenizer_path)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    options = {"skip_sets": sorted(set(skip_sets)), "shard_tokens": int(shard_tokens), "dtype": dtype.name}
+    prev = read_manifest(split_dir) if not overwrite else None
+    if overwrite:
+        _clear_split(split_dir)
+    elif prev is not None and (prev["tokenizer"]["sha256"] != tok.sha256 or prev["options"] != options):
+        raise DataError(split_dir / MANIFEST_NAME,
+                        "this folder was prepared with another tokenizer or other options "
+                        f"(tokenizer sha256 {prev['tokenizer']['sha256'][:12]}..., options {prev['options']}); "
+                        "pass --overwrite to redo it, or choose another --out")
+    done = {s["path"]: s for s in prev["sources"]} if prev else {}
+
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "split": split,
+                "tokenizer": tok.describe(), "dtype": dtype.name, "options": options,
+                "num_tokens": 0, "num_documents": 0, "skipped": {}, "shards": [], "sources": []}
+    sizes = [p.stat().st_size for p in sources]
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"prepare {split}", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    sets = frozenset(skip_sets)
+    runner = _Runner(str(tok.path), workers)
+    ok = False
+    try:
+        for src, size in zip(sources, sizes):
+            st = src.stat()
+            entry = done.get(str(src))
+            if _source_done(split_dir, entry, src, st):
+                entry = {**entry, "reused": True}
+                bar.update(size)
+            else:
+                entry = _prepare_source(split_dir, src, st, runner, sets, dtype, shard_tokens, bar)
+            manifest["sources"].append(entry)
+            manifest["shards"].extend({**s, "source": str(src)} for s in entry["shards"])
+            manifest["num_tokens"] += entry["num_tokens"]
+            manifest["num_documents"] += entry["documents"]
+            for k, v in entry["skipped"].items():
+                manifest["skipped"][k] = manifest["skipped"].get(k, 0) + v
+            bar.set_postfix(tokens=manifest["num_tokens"])
+            atomic_write_json(split_dir / MANIFEST_NAME, manifest)  # progress point for a resume
+        ok = True
+    finally:
+        runner.close(ok)
+        bar.close()
+    keep = {s["file"] for s in manifest["shards"]}
+    for p in split_dir.glob("*.bin"):
+        if p.name not in keep:
+            p.unlink()
+    manifest["complete"] = True
+    atomic_write_json(split_dir / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, runner: _Runner, sets: frozenset[str],
+                    dtype: np.dtype, shard_tokens: int, bar) -> dict:
+    stem = _shard_stem(src)
+    for p in split_dir.glob(f"{stem}-*.bin"):  # stale shards of an earlier, unfinished attempt
+        p.unlink()
+    entry = {"path": str(src), "format": source_format(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+             "documents": 0, "skipped": {}, "num_tokens": 0, "shards": []}
+    buf: list[np.ndarray] = []
+    buffered = 0
+    last_pos = 0
+
+    def flush(final: bool):
+        """Write full shards of exactly shard_tokens tokens; with final, also the remainder."""
+        nonlocal buf, buffered
+        if not buffered:
+            return
+        data = np.concatenate(buf)
+        start = 0
+        while data.size - start >= shard_tokens or (final and start < data.size):
+            piece = data[start:start + shard_tokens]
+            name = f"{stem}-{len(entry['shards']):04d}.bin"
+            nbytes = write_shard(split_dir / name, piece, dtype)
+            entry["shards"].append({"file": name, "num_tokens": int(piece.size), "bytes": nbytes})
+            start += piece.size
+        buf = [data[start:]] if start < data.size else []
+        buffered = int(data.size - start)
+
+    def collect():
+        nonlocal buffered
+        toks, ndocs, skipped = runner.pop()
+        entry["documents"] += ndocs
+        entry["num_tokens"] += int(toks.size)
+        for k, v in skipped.items():
+            entry["skipped"][k] = entry["skipped"].get(k, 0) + v
+        buf.append(toks)
+        buffered += int(toks.size)
+        if buffered >= shard_tokens:
+            flush(final=False)
+
+    items, nbytes = [], 0
+    for line_no, raw, pos in iter_lines(src):
+        items.append((line_no, raw))
+        nbytes += len(raw)
+        if nbytes >= BATCH_BYTES:
+            if runner.full():
+                collect()
+            runner.submit(str(src), items, sets)
+            items, nbytes = [], 0
+            bar.update(pos - last_pos)
+            last_pos = pos
+    if items:
+        if runner.full():
+            collect()
+        runner.submit(str(src), items, sets)
+    while runner.pending:
+        collect()
+    flush(final=True)
+    bar.update(st.st_size - last_pos)
+    return entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tokenise C4 (*.json.gz) / SlimPajama (*.jsonl.zst) files into packed token shards.\n"
+                    "Each document is encoded as BOS + tokens + EOS and documents are concatenated; nothing\n"
+                    "is dropped or padded. Writes OUT/train/ and OUT/val/, each with shards and a manifest.json\n"
+                    "(token counts, tokenizer sha256, sources). Interrupted runs resume on re-run.",
+        epilog="Demo (no --train/--val): prepares the embedded sample corpus with data/sample/tokenizer.model:\n"
+               "    python -m data.prepare --out out/data/sample\n"
+               "then data.loader.build_loader('out/data/sample', 'train', seq_len, batch_size).\n"
+               "Full data:\n"
+               "    python -m data.prepare --out out/c4 --tokenizer tokenizer.model \\\n"
+               "        --train 'c4/c4-train.*.json.gz' --val c4/c4-validation.00000-of-00001.json.gz --workers 8\n"
+               "Bad input is reported as one line 'error: FILE, line N: what' with exit status 2.")
+    p.add_argument("--out", required=True, help="output folder (gets train/ and val/ subfolders)")
+    p.add_argument("--train", nargs="+", metavar="SRC", help="train sources: files, folders or globs")
+    p.add_argument("--val", nargs="+", metavar="SRC", help="validation sources: files, folders or globs")
+    p.add_argument("--tokenizer", default=str(SAMPLE_TOKENIZER), help="SentencePiece model (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="tokenising processes (default: %(default)s; 1 = in this process)")
+    p.add_argument("--skip-set", action="append", default=[], metavar="NAME",
+                   help="SlimPajama: skip documents whose meta.redpajama_set_name is NAME (repeatable)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                   help="start a new shard after about this many tokens (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="discard what is in OUT/<split> and redo it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if not a.train and not a.val:
+        a.train, a.val = [str(SAMPLE_TRAIN)], [str(SAMPLE_VAL)]
+    try:
+        for split, pats in (("train", a.train), ("val", a.val)):
+            if not pats:
+                continue
+            t0 = time.perf_counter()
+            m = prepare_split(split, expand_sources(pats), a.tokenizer, a.out, a.workers, a.skip_set,
+                              a.shard_tokens, a.overwrite, not a.no_progress)
+            dt = time.perf_counter() - t0
+            reused = sum(1 for s in m["sources"] if s.get("reused"))
+            skipped = ", ".join(f"{k}={v}" for k, v in sorted(m["skipped"].items())) or "none"
+            print(f"{split}: {m['num_tokens']:,} tokens ({m['dtype']}), {m['num_documents']:,} documents, "
+                  f"{len(m['shards'])} shards from {len(m['sources'])} sources ({reused} reused); "
+                  f"skipped: {skipped}; {dt:.1f}s -> {Path(a.out) / split}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""SentencePiece tokenizer: load any Llama-layout model, or train a small one for the demo.
+
+A document is always encoded as ``[bos] + pieces + [eos]`` so that document boundaries survive the
+packing of documents into one contiguous token stream (the model sees EOS then BOS between documents).
+
+Llama layout: BPE, byte fallback (no token is ever <unk> for valid UTF-8), unk/bos/eos = 0/1/2, no pad
+id, identity normalisation, digits split. Llama-2, TinyLlama and Mistral-v0.1 models all have it; the
+demo tokenizer in ``data/sample/tokenizer.model`` is trained here with the same settings, only smaller.
+
+Regenerate the demo tokenizer (deterministic for a given sentencepiece version)::
+
+    python -m data.tokenizer --out data/sample/tokenizer.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import io
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from data.errors import EXIT_DATA_ERROR, DataError
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+SAMPLE_TOKENIZER = SAMPLE_DIR / "tokenizer.model"
+SAMPLE_TRAIN = SAMPLE_DIR / "c4-train.00000-of-00001.json.gz"
+SAMPLE_VAL = SAMPLE_DIR / "c4-validation.00000-of-00001.json.gz"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Checksum recorded in manifests: the model file's bytes define the token ids."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Tokenizer:
+    """Thin wrapper around a SentencePieceProcessor with the document convention built in."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(self.path, "tokenizer model file not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError with a C++ message
+            raise DataError(self.path, f"not a valid SentencePiece model ({e})") from None
+        self.vocab_size = int(self.sp.vocab_size())
+        self.bos_id = int(self.sp.bos_id())
+        self.eos_id = int(self.sp.eos_id())
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise DataError(self.path, f"tokenizer has no BOS/EOS (bos_id={self.bos_id}, "
+                                       f"eos_id={self.eos_id}); a Llama-layout model is required")
+        self.sha256 = file_sha256(self.path)
+
+    def encode_document(self, text: str) -> list[int]:
+        """BOS + tokens + EOS."""
+        return [self.bos_id, *self.sp.encode(text), self.eos_id]
+
+    def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
+        ids = self.sp.encode(list(texts))
+        return [[self.bos_id, *x, self.eos_id] for x in ids]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    return Tokenizer(path)
+
+
+def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int) -> Iterator[str]:
+    """Non-empty lines of every document, long lines cut at spaces into pieces of <= max_line_bytes.
+
+    SentencePiece treats one input item as a sentence and silently drops items longer than
+    max_sentence_length, so whole documents (or long paragraphs) would otherwise be lost."""
+    from data.readers import iter_texts
+
+    for f in files:
+        for text in iter_texts(f):
+            for line in text.split("\n"):
+                while line.strip():
+                    if len(line.encode("utf-8")) <= max_line_bytes:
+                        yield line
+                        break
+                    cut = line.rfind(" ", 0, max_line_bytes // 4)  # <= 4 bytes per character
+                    cut = cut if cut > 0 else max_line_bytes // 4
+                    yield line[:cut]
+                    line = line[cut:]
+
+
+def train_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, vocab_size: int = 4096,
+                    seed: int = 0, input_sentence_size: int = 300_000, num_threads: int = 2) -> Tokenizer:
+    """Train a Llama-layout BPE model from C4/SlimPajama files and write it atomically to `out`."""
+    import sentencepiece as spm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    max_len = 4192
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(inputs, max_len), model_writer=model,
+        model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=0.99995, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
+        max_sentence_length=max_len, input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True, num_threads=num_threads, minloglevel=2,
+    )
+    from data.shards import atomic_write_bytes
+
+    atomic_write_bytes(out, [model.getvalue()])
+    return Tokenizer(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data.tokenizer",
+        description="Train a Llama-layout SentencePiece BPE tokenizer (byte fallback, unk/bos/eos = 0/1/2, "
+                    "no pad) from C4 *.json.gz / SlimPajama *.jsonl.zst files. Documents are later encoded "
+                    "as BOS + tokens + EOS. With no arguments it regenerates data/sample/tokenizer.model.")
+    p.add_argument("--input", nargs="+", default=[str(SAMPLE_TRAIN)], help="source files (default: the sample train file)")
+    p.add_argument("--out", default=str(SAMPLE_TOKENIZER), help="model file to write (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-sentence-size", type=int, default=300_000, help="cap on training lines sampled")
+    p.add_argument("--num-threads", type=int, default=2)
+    a = p.parse_args(argv)
+    try:
+        tok = train_tokenizer(a.input, a.out, a.vocab_size, a.seed, a.input_sentence_size, a.num_threads)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    print(f"wrote {tok.path} vocab_size={tok.vocab_size} sha256={tok.sha256}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

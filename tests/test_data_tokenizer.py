@@ -1,0 +1,71 @@
+"""Tokenizer: Llama layout of the committed demo model, document convention, reproducible training,
+loading real Llama-layout models (Mistral v0.1 from ../shared when present)."""
+
+from __future__ import annotations
+
+import pytest
+
+from data.errors import DataError
+from data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+from test_data_util import MISTRAL, SAMPLE_TOKENIZER, c4_lines, make_texts, write_gz
+
+UNSEEN = "日本語のテキスト ☃ \u0001 Ωmega"  # characters the demo model never saw -> byte fallback
+
+
+def check_llama_layout(tok, vocab_size):
+    sp = tok.sp
+    assert tok.vocab_size == vocab_size
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert [sp.id_to_piece(i) for i in (0, 1, 2)] == ["<unk>", "<s>", "</s>"]
+    assert [sp.id_to_piece(3 + b) for b in (0, 10, 255)] == ["<0x00>", "<0x0A>", "<0xFF>"]
+    ids = tok.encode_document(UNSEEN)
+    assert ids[0] == 1 and ids[-1] == 2 and 0 not in ids  # no <unk>: byte fallback
+    assert tok.decode(ids) == UNSEEN
+
+
+def test_demo_tokenizer_has_llama_layout():
+    check_llama_layout(load_tokenizer(SAMPLE_TOKENIZER), 4096)
+
+
+def test_document_is_bos_tokens_eos():
+    tok = load_tokenizer(SAMPLE_TOKENIZER)
+    text = "It is a truth universally acknowledged."
+    assert tok.encode_document(text) == [1, *tok.sp.encode(text), 2]
+    assert tok.encode_documents([text, "x"]) == [tok.encode_document(text), tok.encode_document("x")]
+    assert len(tok.sp.encode(text)) < len(text) / 2  # it learned English merges, not just bytes
+
+
+def test_training_is_reproducible_and_llama_layout(tmp_path):
+    src = write_gz(tmp_path / "t.json.gz", c4_lines(make_texts(200, seed=4)))
+    a = train_tokenizer([src], tmp_path / "a.model", vocab_size=400, seed=0)
+    b = train_tokenizer([src], tmp_path / "b.model", vocab_size=400, seed=0)
+    assert a.sha256 == b.sha256 == file_sha256(tmp_path / "a.model")
+    check_llama_layout(a, 400)
+
+
+def test_committed_demo_tokenizer_regenerates_byte_for_byte(tmp_path):
+    """The command in data/sample/SOURCES.md must reproduce the committed file."""
+    import sentencepiece
+
+    from data.tokenizer import main
+
+    assert main(["--out", str(tmp_path / "t.model")]) == 0
+    assert file_sha256(tmp_path / "t.model") == file_sha256(SAMPLE_TOKENIZER), (
+        f"sentencepiece {sentencepiece.__version__} trains a different demo tokenizer")
+
+
+def test_not_a_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"this is not a protobuf")
+    with pytest.raises(DataError, match="not a valid SentencePiece model") as e:
+        load_tokenizer(bad)
+    assert str(bad) in str(e.value)
+    with pytest.raises(DataError, match="not found"):
+        load_tokenizer(tmp_path / "missing.model")
+
+
+@pytest.mark.skipif(not MISTRAL.exists(), reason="../shared/tokenizers/mistral-v1 not present")
+def test_loads_mistral_llama_layout_model():
+    tok = load_tokenizer(MISTRAL)
+    check_llama_layout(tok, 32000)
+    assert tok.encode_document("Hello world") == [1, 22557, 1526, 2]

@@ -1,0 +1,69 @@
+"""Helpers shared by the tests/test_data_*.py files: tiny synthetic corpora in both source formats.
+
+(Collected by pytest but holds no tests; imported by the data test modules.)
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_TOKENIZER = REPO / "data" / "sample" / "tokenizer.model"
+SHARED = REPO.parent / "shared"
+MISTRAL = SHARED / "tokenizers" / "mistral-v1" / "tokenizer.model"
+
+WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
+         "but have an they you were her she there one all we their been has who will more if no out so "
+         "Elizabeth Darcy Bennet Pemberley letter morning sister fortune 1811 3.14 café naïve Ωmega").split()
+
+
+def make_texts(n: int, seed: int = 0, min_words: int = 5, max_words: int = 200) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randint(min_words, max_words)
+        words = [rng.choice(WORDS) for _ in range(k)]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(k), "\n\n")
+        out.append(" ".join(words).replace(" \n\n ", "\n\n"))
+    return out
+
+
+def c4_lines(texts) -> list[bytes]:
+    return [json.dumps({"text": t, "timestamp": "2019-04-25T00:00:00Z", "url": f"test#{i}"}).encode()
+            for i, t in enumerate(texts)]
+
+
+def slimpajama_lines(texts, sets=None) -> list[bytes]:
+    sets = sets or ["RedPajamaCommonCrawl"] * len(texts)
+    return [json.dumps({"text": t, "meta": {"redpajama_set_name": s}}).encode() for t, s in zip(texts, sets)]
+
+
+def write_gz(path: Path, lines: list[bytes]) -> Path:
+    with gzip.open(path, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return path
+
+
+def write_zst(path: Path, lines: list[bytes]) -> Path:
+    import zstandard
+
+    path.write_bytes(zstandard.ZstdCompressor(level=3).compress(b"\n".join(lines) + b"\n"))
+    return path
+
+
+def reference_stream(tokenizer_path, texts) -> np.ndarray:
+    """Independent tokenisation straight through sentencepiece: BOS + ids + EOS per document."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    out = []
+    for t in texts:
+        out += [sp.bos_id(), *sp.encode(t), sp.eos_id()]
+    return np.asarray(out, dtype=np.int64)
