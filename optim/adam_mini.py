@@ -1,0 +1,236 @@
+"""Adam-mini: Adam with one second moment per block (head, neuron, token), exact under sharding.
+
+Update (per /work/shared/ADAM_MINI.md), for every unit with a gradient:
+
+    t   <- t + 1
+    v_B <- b2 v_B + (1 - b2) mean_{i in B} g_i^2               (one fp32 entry per block)
+    m   <- b1 m + (1 - b1) g                                     (fp32, like the local buffer)
+    p   <- p (1 - lr wd)                                         (only blocks of decayed parameters)
+    p_i <- p_i - lr (m_i / (1 - b1^t)) / (sqrt(v_B / (1 - b2^t)) + eps)
+
+A unit's local buffer holds segments of parameters that may cut blocks anywhere (FSDP shards). The
+precomputed chunks of `optim.blocks` give, per step, each rank's partial sum of g^2 for every block it
+touches; if `unit.group` is set, one all-reduce(SUM) of that block vector per unit completes the sums,
+after which every rank updates the (replicated) v identically and steps its own elements. Elements
+outside the segments (FSDP padding) are never read or written.
+
+Two implementations of the same update:
+- eager: `torch._foreach_*` over all units for the element-wise parts, a loop over chunks (a few per
+  unit) for the block-scaled step;
+- fast: one `torch.compile`d kernel per distinct unit geometry (`optim.kernels`), fusing the moment
+  update, decay and step into a single pass over the unit's memory.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from optim import kernels
+from optim.blocks import UnitPlan, plan_unit
+from optim.layout import ParamLayout
+from optim.units import Unit, local_1d
+
+# Below this many local elements the default (`fast=None`) stays eager: compiling costs seconds per
+# distinct unit geometry, which only pays off for real models (tests and the `debug` model stay eager).
+FAST_MIN_NUMEL = 1 << 22
+
+
+class AdamMini(torch.optim.Optimizer):
+    """Adam-mini over `units` (see `optim.units`), with blocks from `layouts` (see `optim.layout`).
+
+    `fast`: True = compiled kernels (falls back to eager if compiling fails), False = eager,
+    None = compiled when the units hold at least `FAST_MIN_NUMEL` elements and torch.compile works
+    here; the environment variable `ADAM_MINI_FAST=0/1` overrides None.
+
+    State per unit param: `step` (fp32 scalar, CPU), `exp_avg` (fp32, like the local 1-D buffer),
+    `exp_avg_sq` (fp32, one entry per block of `unit.names`, replicated over `unit.group`).
+    """
+
+    def __init__(self, units: Sequence[Unit], layouts: Mapping[str, ParamLayout], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
+                 fast: bool | None = None):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"invalid hyper-parameters lr={lr}, eps={eps}, weight_decay={weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid betas {betas}")
+        units = list(units)
+        if not units:
+            raise ValueError("AdamMini got no units")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__([u.param for u in units], defaults)
+        self.units: list[Unit] = units
+        self.plans: list[UnitPlan] = [plan_unit(u, layouts) for u in units]
+        self._index = {id(u.param): i for i, u in enumerate(units)}
+        if len(self._index) != len(units):
+            raise ValueError("two units register the same tensor")
+        for unit, plan in zip(units, self.plans):
+            numel = local_1d(unit.param.detach()).numel()
+            if numel < plan.min_local_numel:
+                raise ValueError(f"unit {unit.label!r}: segments need {plan.min_local_numel} local elements, buffer has {numel}")
+        self._inv_numel: dict[tuple, torch.Tensor] = {}
+        self.fast = self._resolve_fast(fast)
+
+    # ------------------------------------------------------------------ configuration
+    def _resolve_fast(self, fast: bool | None) -> bool:
+        if fast is None:
+            env = os.environ.get("ADAM_MINI_FAST")
+            if env is not None:
+                fast = env.strip().lower() not in ("0", "false", "no", "")
+            else:
+                total = sum(sum(c.numel for c in p.chunks) for p in self.plans)
+                fast = total >= FAST_MIN_NUMEL
+        return bool(fast) and kernels.compile_available()
+
+    def inv_block_numel(self, i: int, device: torch.device) -> torch.Tensor:
+        """1 / (static element count) of every block of unit i, cached per geometry and device."""
+        plan = self.plans[i]
+        key = (plan.n_blocks, plan.block_runs, str(device))
+        t = self._inv_numel.get(key)
+        if t is None:
+            t = plan.block_numel_tensor(device).reciprocal_()
+            self._inv_numel[key] = t
+        return t
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, i: int) -> dict:
+        unit, plan = self.units[i], self.plans[i]
+        state = self.state[unit.param]
+        if not state:
+            local = local_1d(unit.param.detach())
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(local.numel(), dtype=torch.float32, device=local.device)
+            state["exp_avg_sq"] = torch.zeros(plan.n_blocks, dtype=torch.float32, device=local.device)
+        return state
+
+    def init_state(self) -> None:
+        """Create all states now (they are otherwise created at the first step); free on the meta device."""
+        for i in range(len(self.units)):
+            self._init_state(i)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like torch's, but keeps every state tensor fp32 (torch would cast to a bf16 param's dtype)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        order = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in enumerate(order):
+            if idx not in saved and str(idx) not in saved:
+                continue
+            src = saved[idx] if idx in saved else saved[str(idx)]
+            i = self._index[id(p)]
+            local = local_1d(p.detach())
+            expected = {"exp_avg": (local.numel(),), "exp_avg_sq": (self.plans[i].n_blocks,), "step": ()}
+            new = {}
+            for key, shape in expected.items():
+                if key not in src:
+                    raise KeyError(f"unit {self.units[i].label!r}: state has no {key!r}")
+                value = torch.as_tensor(src[key])
+                if tuple(value.shape) != shape:
+                    raise ValueError(f"unit {self.units[i].label!r}: {key} has shape {tuple(value.shape)}, expected {shape}")
+                device = torch.device("cpu") if key == "step" else local.device
+                new[key] = value.detach().to(device=device, dtype=torch.float32, copy=True)
+            self.state[p] = new
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            todo = [self._index[id(p)] for p in group["params"] if p.grad is not None]
+            if todo:
+                self._step_group(group, todo)
+        return loss
+
+    def _step_group(self, group: dict, todo: list[int]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        states = [self._init_state(i) for i in todo]
+        for s in states:
+            s["step"] += 1
+        grads = []
+        for i in todo:
+            g = self.units[i].param.grad
+            g = g.to_local() if hasattr(g, "to_local") else g
+            grads.append(g.reshape(-1))
+        # 1. partial block sums of g^2, completed across ranks by one all-reduce per sharded unit.
+        sumsqs = [self._block_sumsq(i, g) for i, g in zip(todo, grads)]
+        for i, bsq in zip(todo, sumsqs):
+            if self.units[i].group is not None:
+                dist.all_reduce(bsq, op=dist.ReduceOp.SUM, group=self.units[i].group)
+        steps = [float(s["step"].item()) for s in states]
+        if self.fast:
+            done = kernels.apply_units(self, group, todo, states, grads, sumsqs, steps)
+            if done:
+                return
+        self._apply_eager(todo, states, grads, sumsqs, steps, lr, beta1, beta2, eps, wd)
+
+    def _block_sumsq(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """This rank's Σ g² for every block of unit i (zeros for blocks it does not hold)."""
+        plan = self.plans[i]
+        if self.fast:
+            out = kernels.block_sumsq(plan, g)
+            if out is not None:
+                return out
+        return block_sumsq_eager(plan, g)
+
+    def _apply_eager(self, todo, states, grads, sumsqs, steps, lr, beta1, beta2, eps, wd) -> None:
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        invs = [self.inv_block_numel(i, v.device) for i, v in zip(todo, exp_avg_sqs)]
+        # v_B <- b2 v_B + (1 - b2) * sum_B / n_B
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, sumsqs, invs, value=1.0 - beta2)
+        # per-block step size lr / (1 - b1^t) / (sqrt(v_B / (1 - b2^t)) + eps)
+        bc1 = [1.0 - beta1 ** t for t in steps]
+        bc2 = [1.0 - beta2 ** t for t in steps]
+        scales = torch._foreach_div(exp_avg_sqs, bc2)
+        torch._foreach_sqrt_(scales)
+        torch._foreach_add_(scales, eps)
+        torch._foreach_reciprocal_(scales)
+        torch._foreach_mul_(scales, [lr / b for b in bc1])
+
+        m_views, g_views, decay_views = [], [], []
+        steps_p, steps_m, steps_s = [], [], []
+        writeback = []
+        for i, state, g, scale in zip(todo, states, grads, scales):
+            plan = self.plans[i]
+            local = local_1d(self.units[i].param)
+            work = local if local.dtype == torch.float32 else local.float()
+            if work is not local:
+                writeback.append((local, work))
+            g32 = g if g.dtype == torch.float32 else g.float()
+            m = state["exp_avg"]
+            for off, n, decay in plan.spans:
+                m_views.append(m[off:off + n])
+                g_views.append(g32[off:off + n])
+                if decay:
+                    decay_views.append(work[off:off + n])
+            for c in plan.chunks:
+                sl = slice(c.offset, c.offset + c.numel)
+                steps_p.append(work[sl].view(c.rows, c.length))
+                steps_m.append(m[sl].view(c.rows, c.length))
+                steps_s.append(scale[c.block:c.block + c.rows].unsqueeze(1))
+        if m_views:
+            torch._foreach_lerp_(m_views, g_views, 1.0 - beta1)
+        if decay_views and lr * wd != 0.0:
+            torch._foreach_mul_(decay_views, 1.0 - lr * wd)
+        for p, m, s in zip(steps_p, steps_m, steps_s):
+            p.addcmul_(m, s, value=-1.0)
+        for local, work in writeback:
+            local.copy_(work)
+
+
+def block_sumsq_eager(plan: UnitPlan, g: torch.Tensor) -> torch.Tensor:
+    """Σ g² per block of the unit's block vector over the chunks held locally (fp32)."""
+    out = torch.zeros(plan.n_blocks, dtype=torch.float32, device=g.device)
+    for c in plan.chunks:
+        gv = g[c.offset:c.offset + c.numel].view(c.rows, c.length)
+        if gv.dtype != torch.float32:
+            gv = gv.float()
+        out[c.block:c.block + c.rows] += torch.linalg.vector_norm(gv, dim=1).square_()
+    return out
+

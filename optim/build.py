@@ -1,0 +1,88 @@
+"""Build the training optimizer (Adam-mini or the AdamW baseline) for a possibly wrapped model.
+
+Dispatch on how the model is sharded happens in `model_units`: plain, DDP- and Fabric-wrapped modules
+are handled here (one unit per parameter). FSDP1 FlatParameters (`optim/flat.py`) and FSDP2 DTensors
+(`optim/dtensor.py`) plug in at the marked hook.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from litgpt import Config
+from torch import nn
+
+from optim.adam_mini import AdamMini
+from optim.layout import model_layout
+from optim.units import Unit, named_parameters, units_from_module
+
+OPTIMIZERS = ("adam_mini", "adamw")
+
+
+def _is_fsdp1(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "FlatParameter" for p in model.parameters())
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    return any(hasattr(p, "to_local") and hasattr(p, "placements") for p in model.parameters())
+
+
+def model_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int, ...]]]]:
+    """The optimizer units of `model` and the original `(fqn, shape)` of every parameter they hold.
+
+    FSDP HOOK: sharded models are detected here; `optim/flat.py` (FSDP1) and `optim/dtensor.py` (FSDP2)
+    provide their units and the unsharded shapes (which the local tensors no longer show).
+    """
+    if _is_fsdp1(model):
+        raise NotImplementedError("FSDP1 FlatParameter models: units come from optim/flat.py (not wired in yet)")
+    if _is_fsdp2(model):
+        raise NotImplementedError("FSDP2 DTensor models: units come from optim/dtensor.py (not wired in yet)")
+    units = units_from_module(model)
+    shapes = [(name, tuple(p.shape)) for name, p in named_parameters(model)]
+    return units, shapes
+
+
+def build_optimizer(model: nn.Module, config: Config, name: str, lr: float, betas: tuple[float, float],
+                    eps: float, weight_decay: float, **kwargs) -> torch.optim.Optimizer:
+    """`adam_mini` (blocks from `config`) or `adamw` (torch's, fused when the device supports it).
+
+    Both decay matrices (embeddings included) and no norm weight or bias. Extra keyword arguments go
+    to `AdamMini` (e.g. `fast=`).
+    """
+    if name == "adam_mini":
+        units, shapes = model_units(model)
+        return AdamMini(units, model_layout(config, shapes), lr=lr, betas=betas, eps=eps,
+                        weight_decay=weight_decay, **kwargs)
+    if name == "adamw":
+        if kwargs:
+            raise TypeError(f"unexpected arguments for adamw: {sorted(kwargs)}")
+        params = [p for _, p in named_parameters(model)]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        fused = _fused_supported(params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 fused=fused or None, foreach=None if fused else True)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
+def _fused_supported(params: Iterable[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel exists for these parameters' device and dtypes."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    params = list(params)
+    devices = _get_fused_kernels_supported_devices()
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() and type(p) in (torch.Tensor, nn.Parameter)
+                                for p in params)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (all of them, `step` included; local to this rank)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total

@@ -1,0 +1,383 @@
+"""AdamMini against an independent float64 reference written from the formula in ADAM_MINI.md.
+
+The reference expands every block to a per-element block id (fine for a test, forbidden in the
+optimizer) and applies the update with index_add / gather, so it shares no code path with the
+chunked implementation. Sharding is simulated in one process with threads standing in for ranks and a
+fake all-reduce, which exercises the exact protocol (partial sums, one reduction per unit per step).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import socket
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import models
+import optim.adam_mini as adam_mini_module
+from optim.adam_mini import AdamMini
+from optim.build import build_optimizer, optimizer_state_bytes
+from optim.layout import model_layout
+from optim.memory import adam_mini_state_bytes, adamw_state_bytes, v_entries
+from optim.units import Segment, Unit, units_from_module
+
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+# ----------------------------------------------------------------------------- reference
+class Reference:
+    """Float64 Adam-mini from the formula: v per block via per-element block ids."""
+
+    def __init__(self, params: dict[str, torch.Tensor], layouts, lr, betas, eps, weight_decay, eps_inside_sqrt=False):
+        self.p = {n: t.detach().double().clone() for n, t in params.items()}
+        self.layouts, self.lr, self.betas, self.eps, self.wd = layouts, lr, betas, eps, weight_decay
+        self.eps_inside_sqrt = eps_inside_sqrt
+        self.ids, self.counts = {}, {}
+        for n in params:
+            sizes = torch.tensor([b for k, b in layouts[n].runs for _ in range(k)], dtype=torch.long)
+            self.ids[n] = torch.arange(len(sizes)).repeat_interleave(sizes)
+            self.counts[n] = sizes.double()
+        self.m = {n: torch.zeros(t.numel(), dtype=torch.float64) for n, t in params.items()}
+        self.v = {n: torch.zeros(len(self.counts[n]), dtype=torch.float64) for n in params}
+        self.t = {n: 0 for n in params}
+
+    def step(self, grads: dict[str, torch.Tensor | None], lr=None):
+        lr = self.lr if lr is None else lr
+        b1, b2 = self.betas
+        for n, g in grads.items():
+            if g is None:
+                continue
+            g = g.detach().double().reshape(-1)
+            self.t[n] += 1
+            t = self.t[n]
+            sq = torch.zeros_like(self.v[n]).index_add_(0, self.ids[n], g * g)
+            self.v[n] = b2 * self.v[n] + (1 - b2) * sq / self.counts[n]
+            self.m[n] = b1 * self.m[n] + (1 - b1) * g
+            p = self.p[n].reshape(-1)
+            if self.layouts[n].weight_decay:
+                p.mul_(1 - lr * self.wd)
+            vhat = self.v[n][self.ids[n]] / (1 - b2 ** t)
+            denom = (vhat + self.eps).sqrt() if self.eps_inside_sqrt else vhat.sqrt() + self.eps
+            p.sub_(lr * (self.m[n] / (1 - b1 ** t)) / denom)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def debug_model(seed=0, dtype=torch.float32, **overrides):
+    config = models.get_config("debug", **overrides)
+    torch.manual_seed(seed)
+    model = models.build_model(config, device="cpu").to(dtype)
+    models.init_model(model, config.n_layer, config.n_embd)
+    return config, model
+
+
+def random_grads(model, step, scale=1.0, none=()):
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = None if n in none else (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+    return out
+
+
+def set_grads(model, grads):
+    for n, p in model.named_parameters():
+        p.grad = None if grads[n] is None else grads[n].clone()
+
+
+# ----------------------------------------------------------------------------- unsharded update
+@pytest.mark.parametrize("grad_scale, eps", [(1.0, 1e-8), (1e-4, 1e-4)])  # second case: eps placement matters
+def test_matches_float64_reference_on_debug_model(grad_scale, eps):
+    config, model = debug_model()
+    layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
+    hp = dict(HP, eps=eps)
+    opt = AdamMini(units_from_module(model), layouts, fast=False, **hp)
+    ref = Reference(dict(model.named_parameters()), layouts, **hp)
+    wrong = Reference(dict(model.named_parameters()), layouts, **hp, eps_inside_sqrt=True)
+    p0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    for step in range(10):
+        grads = random_grads(model, step, scale=grad_scale)
+        lr = HP["lr"] * (1 + 0.1 * step)  # the training loop changes lr every step
+        opt.param_groups[0]["lr"] = lr
+        set_grads(model, grads)
+        opt.step()
+        ref.step(grads, lr=lr)
+        wrong.step(grads, lr=lr)
+    for n, p in model.named_parameters():
+        assert rel_err(p, ref.p[n]) <= 1e-6, n
+        moved = ref.p[n] - p0[n]
+        assert rel_err(p.detach().double() - p0[n], moved) <= 1e-5, n
+        st = opt.state[p]
+        assert rel_err(st["exp_avg_sq"], ref.v[n]) <= 1e-5 and float(st["step"]) == 10
+    if eps > 1e-6:  # the comparison is sensitive to where eps goes
+        assert max(rel_err(ref.p[n], wrong.p[n]) for n in ref.p) > 1e-4
+
+
+def test_none_grads_are_skipped_and_closure_works():
+    config, model = debug_model()
+    layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
+    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    ref = Reference(dict(model.named_parameters()), layouts, **HP)
+    skipped = {"transformer.h.1.attn.qkv.weight", "transformer.ln_f.weight"}
+    before = {n: dict(model.named_parameters())[n].detach().clone() for n in skipped}
+    for step in range(3):
+        grads = random_grads(model, step, none=skipped if step < 2 else ())
+
+        def closure():
+            set_grads(model, grads)
+            return torch.tensor(float(step))
+
+        assert float(opt.step(closure)) == step
+        ref.step(grads)
+    params = dict(model.named_parameters())
+    for n in skipped:
+        assert float(opt.state[params[n]]["step"]) == 1
+        assert not torch.equal(params[n], before[n])
+    for n, p in params.items():
+        assert rel_err(p, ref.p[n]) <= 1e-6, n
+
+
+def _run(model, opt, steps):
+    for step in steps:
+        set_grads(model, random_grads(model, step))
+        opt.param_groups[0]["lr"] = HP["lr"] / (1 + step)
+        opt.step()
+
+
+def test_state_dict_round_trip_continues_exactly():
+    config, model_a = debug_model()
+    layouts = model_layout(config, [(n, p.shape) for n, p in model_a.named_parameters()])
+    model_b = copy.deepcopy(model_a)
+    opt_a = AdamMini(units_from_module(model_a), layouts, fast=False, **HP)
+    _run(model_a, opt_a, range(10))
+
+    opt_b = AdamMini(units_from_module(model_b), layouts, fast=False, **HP)
+    _run(model_b, opt_b, range(5))
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "optim": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    _, model_c = debug_model(seed=123)  # different weights: everything must come from the checkpoint
+    model_c.load_state_dict(saved["model"])
+    opt_c = AdamMini(units_from_module(model_c), layouts, fast=False, lr=0.5, betas=(0.5, 0.5), eps=1.0, weight_decay=0.0)
+    opt_c.load_state_dict(saved["optim"])
+    assert opt_c.param_groups[0]["betas"] == HP["betas"] and opt_c.param_groups[0]["weight_decay"] == HP["weight_decay"]
+    _run(model_c, opt_c, range(5, 10))
+    for (n, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc), n
+
+
+def test_bf16_params_keep_fp32_state():
+    config, model = debug_model(dtype=torch.bfloat16)
+    layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
+    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    # reference: float64 math, rounded to bf16 after every step like the optimizer's write-back
+    ref = Reference(dict(model.named_parameters()), layouts, **HP)
+    for step in range(5):
+        grads = random_grads(model, step)
+        set_grads(model, grads)
+        opt.step()
+        ref.step(grads)
+        for n in ref.p:
+            ref.p[n] = ref.p[n].to(torch.bfloat16).double()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf))
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+        ulp = ref.p[n].abs().clamp_min(1e-3) * 2.0 ** -7
+        off = (p.double() - ref.p[n]).abs() > ulp
+        assert float(off.double().mean()) < 1e-3, n  # at most rare rounding-boundary differences
+
+
+# ----------------------------------------------------------------------------- simulated sharding
+class FakeGroup:
+    """Threads as ranks: all_reduce(SUM) via a barrier; counts reductions per rank."""
+
+    def __init__(self, world):
+        self.world, self.barrier = world, threading.Barrier(world)
+        self.slots, self.calls, self.local = [None] * world, [0] * world, threading.local()
+
+    def all_reduce(self, tensor, op=None, group=None):
+        assert group is self and op == dist.ReduceOp.SUM
+        rank = self.local.rank
+        self.calls[rank] += 1
+        self.slots[rank] = tensor.clone()
+        self.barrier.wait()
+        total = sum(self.slots[1:], self.slots[0].clone())
+        self.barrier.wait()
+        tensor.copy_(total)
+
+
+def shard_units(names, layouts, flat, cuts, group, pad):
+    """Split a flat concatenation of `names` at `cuts` (FSDP-style), one Unit per simulated rank."""
+    starts, pos = {}, 0
+    for n in names:
+        starts[n] = pos
+        pos += layouts[n].numel
+    units = []
+    for r, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        segs = []
+        for n in names:
+            s, e = max(a, starts[n]), min(b, starts[n] + layouts[n].numel)
+            if s < e:
+                segs.append(Segment(n, s - starts[n], e - starts[n], s - a))
+        size = (b - a) + (pad if r == len(cuts) - 2 else 0)
+        local = torch.full((size,), 7.0)  # padding sentinel
+        local[: b - a] = flat[a:b]
+        units.append(Unit(param=torch.nn.Parameter(local), names=tuple(names), segments=tuple(segs),
+                          group=group, label=f"rank{r}"))
+    return units
+
+
+def test_sharded_units_with_mid_block_cuts_match_reference(monkeypatch):
+    config, model = debug_model()
+    params = dict(model.named_parameters())
+    names = ["transformer.h.0.norm_1.weight", "transformer.h.0.attn.qkv.weight", "transformer.h.0.attn.proj.weight",
+             "transformer.h.0.norm_2.weight", "transformer.h.0.mlp.fc_1.weight"]
+    layouts = model_layout(config, [(n, params[n].shape) for n in names])
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    # cut inside Q head 1 (qkv starts at 64), inside K group 0, inside a V row, inside a proj row, in norm_2
+    cuts = [0, 64 + 1024 + 517, 64 + 4096 + 700, 64 + 6144 + 33, 64 + 8192 + 100, 64 + 8192 + 4096 + 30, flat.numel()]
+    world, pad = len(cuts) - 1, 5
+    group = FakeGroup(world)
+    monkeypatch.setattr(adam_mini_module.dist, "all_reduce", group.all_reduce)
+    units = shard_units(names, layouts, flat, cuts, group, pad)
+    opts = [AdamMini([u], layouts, fast=False, **HP) for u in units]
+    for left, right in zip(opts, opts[1:]):  # every cut splits a block between two ranks
+        last, first = left.plans[0].chunks[-1], right.plans[0].chunks[0]
+        full = int(left.plans[0].block_numel_tensor()[last.block])
+        assert last.block == first.block and last.length + first.length == full
+    ref = Reference({n: params[n] for n in names}, layouts, **HP)
+    for step in range(10):
+        grads = {n: g for n, g in random_grads(model, step).items() if n in names}
+        gflat = torch.cat([grads[n].reshape(-1) for n in names])
+        for u, a, b in zip(units, cuts, cuts[1:]):
+            g = torch.randn(u.param.numel())  # garbage in the padding must be ignored
+            g[: b - a] = gflat[a:b]
+            u.param.grad = g
+        threads = [threading.Thread(target=lambda r=r: (setattr(group.local, "rank", r), opts[r].step())) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ref.step(grads)
+    assert group.calls == [10] * world  # one all-reduce per unit per step
+    got = torch.cat([u.param.detach()[: b - a] for u, a, b in zip(units, cuts, cuts[1:])])
+    want = torch.cat([ref.p[n].reshape(-1) for n in names])
+    assert rel_err(got, want) <= 1e-6
+    assert torch.equal(units[-1].param.detach()[-pad:], torch.full((pad,), 7.0))
+    assert torch.equal(opts[-1].state[units[-1].param]["exp_avg"][-pad:], torch.zeros(pad))
+    v_ref = torch.cat([ref.v[n] for n in names])
+    for opt, u in zip(opts, units):  # v is replicated and exact on every rank
+        assert rel_err(opt.state[u.param]["exp_avg_sq"], v_ref) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- build and memory
+def test_build_optimizer_strips_wrappers_and_adamw_groups():
+    config, model = debug_model()
+
+    class Wrapper(torch.nn.Module):  # looks like Fabric(DDP(compile(model)))
+        def __init__(self, inner):
+            super().__init__()
+            self._forward_module = torch.nn.Module()
+            self._forward_module.module = torch.nn.Module()
+            self._forward_module.module._orig_mod = inner
+
+    wrapped = Wrapper(model)
+    opt = build_optimizer(wrapped, config, "adam_mini", fast=False, **HP)
+    assert [u.names[0] for u in opt.units] == [n for n, _ in model.named_parameters()]
+    adamw = build_optimizer(wrapped, config, "adamw", **HP)
+    decay, no_decay = adamw.param_groups
+    assert decay["weight_decay"] == HP["weight_decay"] and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(model, config, "sgd", **HP)
+
+
+def test_state_bytes_formulas_match_real_optimizers_and_tinyllama_ratio():
+    config, model = debug_model()
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    layouts = model_layout(config, shapes)
+    for name, expected in (("adam_mini", adam_mini_state_bytes(layouts)), ("adamw", adamw_state_bytes(shapes))):
+        opt = build_optimizer(model, config, name, **HP)
+        set_grads(model, random_grads(model, 0))
+        opt.step()
+        assert optimizer_state_bytes(opt) == expected, name
+    # TinyLlama 1.1B on the meta device: computed, nothing allocated
+    big = models.get_config("tinyllama-1.1b")
+    meta = models.build_model(big)
+    shapes = [(n, tuple(p.shape)) for n, p in meta.named_parameters()]
+    layouts = model_layout(big, shapes)
+    ratio = adam_mini_state_bytes(layouts) / adamw_state_bytes(shapes)
+    assert 0.5 < ratio <= 0.5005
+    assert 350_000 < v_entries(layouts) < 450_000
+    opt = AdamMini(units_from_module(meta), layouts, fast=False)
+    opt.init_state()  # meta tensors: the real optimizer's own accounting agrees with the formula
+    assert optimizer_state_bytes(opt) == adam_mini_state_bytes(layouts)
+
+
+# ----------------------------------------------------------------------------- DDP, 2 gloo processes
+DDP_STEPS = 3
+
+
+def _batches(rank, step, vocab):
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randint(0, vocab, (2, 17), generator=gen)
+
+
+def _loss(model, batch):
+    logits = model(batch[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        config, model = debug_model(vocab_size=256)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = build_optimizer(ddp, config, "adam_mini", fast=False, **HP)
+        assert all(u.group is None for u in opt.units)
+        for step in range(DDP_STEPS):
+            opt.zero_grad()
+            _loss(ddp, _batches(rank, step, 256)).backward()
+            opt.step()
+        torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_single_process_with_averaged_grads(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    config, model = debug_model(vocab_size=256)
+    layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
+    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    for step in range(DDP_STEPS):
+        grads = []
+        for rank in range(2):
+            model.zero_grad()
+            _loss(model, _batches(rank, step, 256)).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for n, p in model.named_parameters():
+        assert torch.equal(r0[n], r1[n]), n
+        assert rel_err(r0[n], p.detach().double()) <= 1e-6, n
