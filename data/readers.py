@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 from data.errors import DataError
 
 SUFFIXES = (".json.gz", ".jsonl.zst")
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16  # small enough that "after line N" in a stream error points near the damage
 
 
 def source_format(path: str | os.PathLike) -> str:
@@ -145,7 +145,7 @@ def parse_line(path: str, line_no: int, raw: bytes, skip_sets: frozenset[str] = 
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(where, f"not valid UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 4]!r})") from None
+        raise DataError(where, f"not valid UTF-8 (at byte offset {e.start} of the line: {raw[e.start:e.start + 4]!r})") from None
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:

@@ -1,0 +1,200 @@
+"""Every kind of bad input gives one clear DataError (file, line or offset, what) -- printed by the CLI
+as a single ``error:`` line with exit status 2 -- and never a traceback or silent garbage."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data.errors import DataError
+from data.loader import build_loader
+from data.prepare import main
+from data.shards import HEADER_SIZE
+from data.tokenizer import train_tokenizer
+from test_data_util import REPO, SAMPLE_TOKENIZER, c4_lines, make_texts, slimpajama_lines, write_gz, write_zst
+
+GOOD = c4_lines(make_texts(30, seed=5, min_words=100, max_words=300))
+
+
+def run_cli(capsys, *args):
+    rc = main(["--no-progress", "--workers", "1", *map(str, args)])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def expect_error(capsys, src, tmp_path, *patterns, workers=1):
+    rc, err = run_cli(capsys, "--out", tmp_path / "out", "--train", src, "--workers", workers)
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert str(src) in err
+    for pat in patterns:
+        assert pat in err, (pat, err)
+    m = tmp_path / "out" / "train" / "manifest.json"
+    assert not m.exists() or not json.loads(m.read_text())["complete"]
+    return err
+
+
+# --- source files -------------------------------------------------------------------------------
+
+def test_truncated_gzip(tmp_path, capsys):
+    f = write_gz(tmp_path / "t.json.gz", GOOD)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) * 2 // 3])
+    expect_error(capsys, f, tmp_path, "truncated gzip stream", "after line")
+
+
+def test_corrupt_gzip(tmp_path, capsys):
+    f = write_gz(tmp_path / "c.json.gz", GOOD)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # zeroed block inside the deflate stream
+    f.write_bytes(bytes(data))
+    expect_error(capsys, f, tmp_path, "corrupt gzip data near compressed byte")
+
+
+def test_not_gzip_at_all(tmp_path, capsys):
+    f = tmp_path / "plain.json.gz"
+    f.write_bytes(b"\n".join(GOOD))
+    expect_error(capsys, f, tmp_path, "corrupt gzip data", "Not a gzipped file")
+
+
+def test_truncated_zstd(tmp_path, capsys):
+    f = write_zst(tmp_path / "t.jsonl.zst", slimpajama_lines(make_texts(30, seed=5)))
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    expect_error(capsys, f, tmp_path, "truncated zstd stream", "inside a frame")
+
+
+def test_corrupt_zstd(tmp_path, capsys):
+    f = write_zst(tmp_path / "c.jsonl.zst", slimpajama_lines(make_texts(30, seed=5)))
+    data = bytearray(f.read_bytes())
+    data[0:4] = b"\x00\x01\x02\x03"  # bad frame magic
+    f.write_bytes(bytes(data))
+    expect_error(capsys, f, tmp_path, "corrupt zstd data near compressed byte")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_line_that_is_not_json(tmp_path, capsys, workers):
+    lines = list(GOOD)
+    lines[6] = b'{"text": "unterminated'
+    f = write_gz(tmp_path / "j.json.gz", lines)
+    expect_error(capsys, f, tmp_path, "line 7:", "not a JSON object", workers=workers)
+
+
+def test_json_that_is_not_an_object(tmp_path, capsys):
+    f = write_gz(tmp_path / "a.json.gz", GOOD[:2] + [b'["text", "x"]'])
+    expect_error(capsys, f, tmp_path, "line 3:", "expected a JSON object, got list")
+
+
+def test_missing_text_field(tmp_path, capsys):
+    f = write_zst(tmp_path / "m.jsonl.zst", slimpajama_lines(["a", "b"]) + [b'{"meta": {"redpajama_set_name": "X"}}'])
+    expect_error(capsys, f, tmp_path, "line 3:", "missing 'text' field", "meta")
+
+
+def test_text_not_a_string(tmp_path, capsys):
+    f = write_gz(tmp_path / "n.json.gz", [b'{"text": 42, "url": "u"}'])
+    expect_error(capsys, f, tmp_path, "line 1:", "'text' must be a string, got int")
+
+
+def test_non_utf8_bytes(tmp_path, capsys):
+    f = write_gz(tmp_path / "u.json.gz", GOOD[:4] + [b'{"text": "caf\xe9 latin-1"}'])
+    expect_error(capsys, f, tmp_path, "line 5:", "not valid UTF-8", "byte offset 13 of the line")
+
+
+def test_lone_surrogate(tmp_path, capsys):
+    f = write_gz(tmp_path / "s.json.gz", [b'{"text": "ok"}', b'{"text": "bad \\udc80 here"}'])
+    expect_error(capsys, f, tmp_path, "line 2:", "lone surrogate at character 4")
+
+
+def test_unknown_suffix_and_missing_tokenizer(tmp_path, capsys):
+    f = tmp_path / "x.txt"
+    f.write_text("hello")
+    expect_error(capsys, f, tmp_path, "unknown source format")
+    good = write_gz(tmp_path / "g.json.gz", GOOD[:2])
+    rc, err = run_cli(capsys, "--out", tmp_path / "o", "--train", good, "--tokenizer", tmp_path / "none.model")
+    assert rc == 2 and "none.model: tokenizer model file not found" in err
+
+
+def test_cli_process_exits_2_without_traceback(tmp_path):
+    f = write_gz(tmp_path / "j.json.gz", GOOD[:3] + [b"not json"])
+    p = subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(tmp_path / "o"), "--train", str(f),
+                        "--no-progress"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: {f}, line 4: not a JSON object (Expecting value at column 1): 'not json'"]
+
+
+# --- shards, manifests, tokenizers ---------------------------------------------------------------
+
+@pytest.fixture()
+def prepared(tmp_path, capsys):
+    src = write_gz(tmp_path / "src.json.gz", GOOD)
+    out = tmp_path / "out"
+    assert run_cli(capsys, "--out", out, "--train", src)[0] == 0
+    m = json.loads((out / "train" / "manifest.json").read_text())
+    return src, out, out / "train" / m["shards"][0]["file"]
+
+
+def test_shard_with_wrong_magic(prepared):
+    _, out, shard = prepared
+    data = bytearray(shard.read_bytes())
+    data[:8] = b"GARBAGE!"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"bad magic b'GARBAGE!' at offset 0") as e:
+        build_loader(out, "train", 16, 2)
+    assert str(shard) in str(e.value)
+
+
+@pytest.mark.parametrize("delta", [-1, -2, +2])
+def test_shard_with_wrong_size(prepared, delta):
+    _, out, shard = prepared
+    data = shard.read_bytes()
+    shard.write_bytes(data[:delta] if delta < 0 else data + bytes(delta))
+    with pytest.raises(DataError, match="does not match header.*truncated or padded"):
+        build_loader(out, "train", 16, 2)
+
+
+def test_shard_shorter_than_header(prepared):
+    _, out, shard = prepared
+    shard.write_bytes(shard.read_bytes()[: HEADER_SIZE - 1])
+    with pytest.raises(DataError, match="shorter than the 32-byte header"):
+        build_loader(out, "train", 16, 2)
+
+
+def test_shard_count_differs_from_manifest(prepared):
+    _, out, _ = prepared
+    mpath = out / "train" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["shards"][0]["num_tokens"] += 1
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(DataError, match="but the manifest says"):
+        build_loader(out, "train", 16, 2)
+    mpath.write_text("{not json")
+    with pytest.raises(DataError, match="manifest is not valid JSON"):
+        build_loader(out, "train", 16, 2)
+
+
+def test_tokenizer_that_does_not_match_the_manifest(prepared, tmp_path, capsys):
+    src, out, _ = prepared
+    other = train_tokenizer([src], tmp_path / "other.model", vocab_size=300)
+    with pytest.raises(DataError, match="does not match the one the data was prepared with"):
+        build_loader(out, "train", 16, 2, tokenizer=other.path)
+    build_loader(out, "train", 16, 2, tokenizer=SAMPLE_TOKENIZER)  # the right one passes
+
+    rc, err = run_cli(capsys, "--out", out, "--train", src, "--tokenizer", other.path)
+    assert rc == 2 and "prepared with another tokenizer" in err and "--overwrite" in err
+    rc, _ = run_cli(capsys, "--out", out, "--train", src, "--tokenizer", other.path, "--overwrite")
+    assert rc == 0
+    loader = build_loader(out, "train", 16, 2, tokenizer=other.path)
+    assert loader.vocab_size == 300
+
+
+def test_not_a_tokenizer_file(tmp_path, capsys):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"\x00" * 100)
+    good = write_gz(tmp_path / "g.json.gz", GOOD[:2])
+    rc, err = run_cli(capsys, "--out", tmp_path / "o", "--train", good, "--tokenizer", bad)
+    assert rc == 2 and f"error: {bad}: not a valid SentencePiece model" in err
