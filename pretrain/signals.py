@@ -1,0 +1,50 @@
+"""Graceful stop on SIGUSR1 / SIGTERM: finish the current step, save a checkpoint, exit.
+
+Exit codes (see `exit_code`): SIGUSR1 -> 0, for SLURM requeue flows (`#SBATCH --signal=USR1@120` and a
+requeue in the batch script; the job is not "failed"); SIGTERM -> 143 (128 + 15), the conventional
+"terminated" status, so a scheduler or `fabric run` does not take the run for finished. Either way the
+checkpoint is complete before the process exits. A second identical signal while stopping restores the
+default action (SIGTERM kills at once, SIGUSR1 too), an escape hatch for a hung save.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+HANDLED = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """Records the first stop signal; installed only in the main thread (signal module rule)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: will save a checkpoint after the current step and exit",
+              flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def exit_code(self) -> int:
+        return 0 if self.signum in (None, signal.SIGUSR1) else 128 + int(self.signum)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for s in HANDLED:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        return False
