@@ -8,7 +8,8 @@ Rules (also in data/README.md):
   ``N = (T - 1) // L`` windows: the last partial window is dropped only when fewer than L + 1 tokens
   remain for it (at most L tokens of the stream are never a target).
 * Each epoch orders the N windows by a permutation seeded by ``(seed, epoch)`` (identity when
-  shuffle is off), so every epoch has a new, reproducible order.
+  shuffle is off), so every epoch has a new, reproducible order. The permutation is a function
+  evaluated per position (data/permutation.py), so no process stores an N-long order.
 * A global step takes the next ``W * B`` windows of that order (W = world size, B = batch size); rank r
   takes the r-th block of B. An epoch has ``S = N // (W * B)`` steps; the last ``N - S*W*B < W*B``
   windows of each epoch's order are not used in that epoch (the next epoch's order differs, so no
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from data.permutation import Permutation
+
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
     """Number of (seq_len + 1)-token windows with stride seq_len in a stream of `num_tokens`."""
@@ -30,17 +33,27 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
     return max(0, (num_tokens - 1) // seq_len)
 
 
-def epoch_order(n_windows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The window order of one epoch: a seeded permutation (or the identity)."""
-    if not shuffle:
-        return np.arange(n_windows, dtype=np.int64)
-    # uint32 halves the memory when it fits: about 4 bytes per window per process holding an order.
-    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(n_windows)
-    return perm.astype(np.uint32 if n_windows < 2**32 else np.int64)
+def epoch_order(n_windows: int, seed: int, epoch: int, shuffle: bool):
+    """The window order of one epoch, indexable by position (``order[a:b]`` -> int64 array).
+
+    A seeded O(1)-memory permutation (data/permutation.py) when shuffling, else the identity.
+    """
+    return Permutation(n_windows, seed, epoch) if shuffle else _Identity(n_windows)
+
+
+class _Identity:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return np.arange(*key.indices(self.n), dtype=np.int64)
 
 
 class Schedule:
-    """Maps a global step and a rank to window indices. Keeps only the current epoch's order."""
+    """Maps a global step and a rank to window indices (the order is computed, never stored)."""
 
     def __init__(self, n_windows: int, batch_size: int, world_size: int, seed: int, shuffle: bool):
         if batch_size < 1 or world_size < 1:
