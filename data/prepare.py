@@ -15,9 +15,12 @@ path); each source's tokens are cut into shards of exactly --shard-tokens (the l
 runs in this process; JSON parsing and tokenisation run in ``--workers`` processes, results are put back
 in order, so the output does not depend on the worker count.
 
-Restartability: every shard and manifest write is atomic (see data/shards.py) and the manifest is
-rewritten after each finished source file, so a re-run skips sources whose entry (path, size, mtime)
-matches and whose shards validate, and redoes the rest. A run with another tokenizer or other options
+Restartability: every shard and manifest write is atomic (see data/shards.py), and each finished
+source file appends one fsync'd line to ``progress.jsonl`` (an append-only journal: O(1) work per
+source, where rewriting a manifest after each of SlimPajama's ~60k files would be quadratic). A re-run
+skips sources whose entry (path, size, mtime) matches and whose shards validate, and redoes the rest.
+The manifest is written once at the start (tokenizer + options, ``"complete": false``) and once at
+the end. A run with another tokenizer or other options
 into the same folder is refused unless ``--overwrite``.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import json
 import os
 import sys
 import time
@@ -40,6 +44,7 @@ from data.readers import expand_sources, iter_lines, parse_line, source_format
 from data.shards import atomic_write_json, dtype_for_vocab, read_header, write_shard
 from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN, SAMPLE_VAL, Tokenizer
 
+JOURNAL_NAME = "progress.jsonl"
 BATCH_BYTES = 1 << 20  # raw JSON bytes per task sent to a worker
 DEFAULT_SHARD_TOKENS = 1 << 26
 
@@ -130,8 +135,38 @@ def _source_done(split_dir: Path, prev: dict | None, src: Path, st: os.stat_resu
 
 def _clear_split(split_dir: Path) -> None:
     for p in split_dir.iterdir():
-        if p.name == MANIFEST_NAME or p.suffix in (".bin", ".tmp"):
+        if p.name in (MANIFEST_NAME, JOURNAL_NAME) or p.suffix in (".bin", ".tmp"):
             p.unlink()
+
+
+def _read_journal(split_dir: Path) -> dict[str, dict]:
+    """Finished-source entries appended by earlier runs, by path (later lines win).
+
+    A line torn by a kill (no trailing newline) is cut off first, so the next append starts clean.
+    """
+    path = split_dir / JOURNAL_NAME
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    out = {}
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+            out[entry["path"]] = entry
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # damaged line: that source is simply redone
+    return out
+
+
+def _append_journal(split_dir: Path, entry: dict) -> None:
+    with open(split_dir / JOURNAL_NAME, "ab") as f:
+        f.write(json.dumps(entry).encode("utf-8") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -156,10 +191,14 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
                         f"(tokenizer sha256 {prev['tokenizer']['sha256'][:12]}..., options {prev['options']}); "
                         "pass --overwrite to redo it, or choose another --out")
     done = {s["path"]: s for s in prev["sources"]} if prev else {}
+    done.update(_read_journal(split_dir))
 
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "split": split,
                 "tokenizer": tok.describe(), "dtype": dtype.name, "options": options,
                 "num_tokens": 0, "num_documents": 0, "skipped": {}, "shards": [], "sources": []}
+    if prev is None or prev.get("complete"):
+        # claims the folder for this tokenizer/options (checked by the next run), lists nothing yet
+        atomic_write_json(split_dir / MANIFEST_NAME, manifest)
     sizes = [p.stat().st_size for p in sources]
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"prepare {split}", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -175,6 +214,7 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
                 bar.update(size)
             else:
                 entry = _prepare_source(split_dir, src, st, runner, sets, dtype, shard_tokens, bar)
+                _append_journal(split_dir, entry)  # progress point for a resume
             manifest["sources"].append(entry)
             manifest["shards"].extend({**s, "source": str(src)} for s in entry["shards"])
             manifest["num_tokens"] += entry["num_tokens"]
@@ -182,7 +222,6 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
             for k, v in entry["skipped"].items():
                 manifest["skipped"][k] = manifest["skipped"].get(k, 0) + v
             bar.set_postfix(tokens=manifest["num_tokens"])
-            atomic_write_json(split_dir / MANIFEST_NAME, manifest)  # progress point for a resume
         ok = True
     finally:
         runner.close(ok)

@@ -123,6 +123,23 @@ def test_rerun_resumes_and_redoes_changed_sources(tmp_path, corpus):
     assert read_header(shard)[1] == m["sources"][2]["shards"][0]["num_tokens"]
 
 
+def test_torn_journal_line_is_ignored_and_repaired(tmp_path, corpus):
+    src, texts = corpus
+    out = tmp_path / "out"
+    sources = expand_sources([str(src)])
+    prepare_split("train", sources, SAMPLE_TOKENIZER, out, workers=1, progress=False)
+    journal = out / "train" / "progress.jsonl"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    journal.write_bytes(lines[0] + lines[1][:-10])  # killed in the middle of appending line 2 ...
+    mpath = out / "train" / "manifest.json"  # ... so the manifest is still the one written at the start
+    mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "complete": False, "sources": [], "shards": []}))
+    m = prepare_split("train", sources, SAMPLE_TOKENIZER, out, workers=1, progress=False)
+    assert [bool(s.get("reused")) for s in m["sources"]] == [True, False, False]
+    assert journal.read_bytes().endswith(b"\n") and len(journal.read_bytes().splitlines()) == 3
+    assert np.array_equal(split_tokens(out / "train"), reference_stream(SAMPLE_TOKENIZER, texts))
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys
     import data.shards as shards
@@ -157,8 +174,12 @@ def test_hard_kill_leaves_no_complete_looking_shard_and_rerun_recovers(tmp_path,
     assert m is None or not m["complete"]
     with pytest.raises(DataError, match="no manifest|did not finish"):
         build_loader(out, "train", 8, 2)
+    journal = split / "progress.jsonl"
+    finished = journal.read_text().splitlines() if journal.exists() else []
 
     assert main(["--out", str(out), "--train", str(src), "--workers", "1", "--no-progress", "--shard-tokens", "700"]) == 0
+    m = json.loads((split / "manifest.json").read_text())
+    assert sum(bool(s.get("reused")) for s in m["sources"]) == len(finished)  # finished sources not redone
     assert not list(split.glob(".*.tmp"))
     assert np.array_equal(split_tokens(split), reference_stream(SAMPLE_TOKENIZER, texts))
     clean = tmp_path / "clean"
