@@ -53,8 +53,12 @@ DEFAULT_SHARD_TOKENS = 1 << 26
 _TOK: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, in_pool: bool = False) -> None:
     global _TOK
+    if in_pool:  # Ctrl-C goes to the whole process group; the main process handles it and terminates us
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _TOK = Tokenizer(tokenizer_path)
 
 
@@ -84,7 +88,7 @@ class _Runner:
         if workers > 1:
             import multiprocessing as mp
 
-            self.pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path,))
+            self.pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path, True))
             self.depth = 2 * workers + 1
         else:
             _init_worker(tokenizer_path)

@@ -187,6 +187,29 @@ def test_hard_kill_leaves_no_complete_looking_shard_and_rerun_recovers(tmp_path,
     assert shard_bytes(split) == shard_bytes(clean / "train")
 
 
+def test_ctrl_c_stops_cleanly_and_rerun_completes(tmp_path):
+    """SIGINT to the process group (what Ctrl-C does) while 2 worker processes run: one message, exit 130,
+    no traceback from the main process or the workers; then the re-run finishes."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "data.prepare", "--out", str(out), "--workers", "2", "--shard-tokens", "50000",
+            "--no-progress"]
+    p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         process_group=0, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    t0 = time.time()
+    while not list((out / "train").glob("*.bin")) and time.time() - t0 < 60 and p.poll() is None:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.strip() == "interrupted; re-run the same command to resume"
+    assert not json.loads((out / "train" / "manifest.json").read_text())["complete"]
+    assert subprocess.run(args, cwd=REPO, capture_output=True).returncode == 0
+    assert json.loads((out / "train" / "manifest.json").read_text())["complete"]
+
+
 def test_demo_default_prepares_the_sample(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--workers", "2", "--no-progress"]) == 0
     from data.readers import iter_texts
