@@ -1,0 +1,50 @@
+"""`python -m checkpoints_util` / `amp-ckpt`: inspect, consolidate and export training checkpoints.
+
+    amp-ckpt inspect     CKPT [--json]
+    amp-ckpt consolidate CKPT --out FILE [--with-optimizer] [--dtype D]
+    amp-ckpt export      CKPT --format litgpt|hf --out DIR [--dtype D] [--max-shard-size 5GB]
+
+CKPT is a `step-XXXXXXXX/` folder or a run folder (its newest complete checkpoint). Runs in one process
+on CPU, also for FSDP (sharded) checkpoints. Exit status: 0 done, 2 a checkpoint or usage error (one
+line on stderr naming the path and the problem, no traceback), 130 interrupted (nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from checkpoints_util import consolidate, export, inspect
+from checkpoints_util.save import CheckpointError
+
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amp-ckpt", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="See checkpoints_util/README.md for examples.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect.add_parser(sub)
+    consolidate.add_parser(sub)
+    export.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # `amp-ckpt inspect ... | head`: stop quietly, as other CLI tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

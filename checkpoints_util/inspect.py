@@ -1,0 +1,118 @@
+"""`amp-ckpt inspect CKPT`: what a checkpoint holds, read from its small files and tensor metadata.
+
+Why: before resuming, exporting or deleting a checkpoint one wants to know what it is (step, tokens,
+on how many ranks it was written, which optimizer, how big) without loading gigabytes of tensors.
+Nothing here reads tensor data: shapes come from DCP metadata or an mmap'd `torch.load`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from checkpoints_util.output import human_bytes
+from checkpoints_util.reader import Checkpoint, open_checkpoint
+
+# The litgpt.Config fields that describe a Llama's size (the full config is in model_config.yaml).
+MODEL_FIELDS = ("name", "n_layer", "n_embd", "n_head", "n_query_groups", "head_size", "intermediate_size",
+                "vocab_size", "padded_vocab_size", "block_size", "norm_eps", "rope_base")
+
+
+def inspect_checkpoint(path) -> dict[str, Any]:
+    """A JSON-able summary of the checkpoint at `path` (validated against its model config)."""
+    ck: Checkpoint = open_checkpoint(path)
+    ck.validate()
+    info = ck.tensor_info()
+    n_params = sum(_numel(shape) for shape, _ in info.values())
+    model_bytes = sum(_numel(shape) * _itemsize(dtype) for shape, dtype in info.values())
+    dtypes = sorted({str(dtype).replace("torch.", "") for _, dtype in info.values()})
+    files = ck.files()
+    t = ck.trainer
+    return {
+        "path": str(ck.path),
+        "step": t.get("step"),
+        "tokens_seen": t.get("tokens_seen"),
+        "world_size": t.get("world_size"),
+        "strategy": t.get("strategy"),
+        "precision": t.get("precision"),
+        "sharded": ck.sharded,
+        "saved_at": t.get("saved_at"),
+        "reason": t.get("reason"),
+        "loss": t.get("loss"),
+        "val_loss": t.get("val_loss"),
+        "model": {
+            **{f: getattr(ck.model_config, f) for f in MODEL_FIELDS},
+            "parameters": n_params,
+            "dtypes": dtypes,
+            "bytes": model_bytes,
+        },
+        "optimizer": {"kind": ck.optimizer_kind(), "state_bytes": ck.optimizer_state_bytes(),
+                      "file": t.get("optimizer_file")},
+        "train_config": ck.train_config,
+        "files": [{"path": p, "bytes": b} for p, b in files],
+        "total_bytes": sum(b for _, b in files),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The human-readable report printed by `inspect`."""
+    m, o = r["model"], r["optimizer"]
+    tokens = f"{r['tokens_seen']:,}" if isinstance(r["tokens_seen"], int) else str(r["tokens_seen"])
+    lines = [
+        f"checkpoint   {r['path']}",
+        f"step         {r['step']}",
+        f"tokens seen  {tokens}",
+        f"written on   {r['world_size']} rank(s), {r['strategy']}, precision {r['precision']}, "
+        f"{'sharded (torch.distributed.checkpoint)' if r['sharded'] else 'plain files'}",
+        f"saved at     {r['saved_at']} (reason: {r['reason']})",
+    ]
+    if r.get("loss") is not None or r.get("val_loss") is not None:
+        lines.append(f"loss         train {_fmt(r.get('loss'))}, val {_fmt(r.get('val_loss'))}")
+    lines += [
+        f"model        {m['name']}: {m['parameters']:,} parameters, {', '.join(m['dtypes'])}, "
+        f"{human_bytes(m['bytes'])}",
+        "             " + ", ".join(f"{k}={m[k]}" for k in MODEL_FIELDS if k != "name"),
+        f"optimizer    {o['kind']}: state {human_bytes(o['state_bytes']) if o['state_bytes'] is not None else 'absent'}"
+        + (f" ({o['state_bytes'] / m['bytes']:.2f} x the weights)" if o["state_bytes"] and m["bytes"] else ""),
+        "training config:",
+    ]
+    if r["train_config"]:
+        lines += ["  " + ln for ln in yaml.safe_dump(r["train_config"], sort_keys=False).rstrip().splitlines()]
+    else:
+        lines.append("  (no config.yaml)")
+    lines.append(f"files ({len(r['files'])}, {human_bytes(r['total_bytes'])}):")
+    width = max((len(f["path"]) for f in r["files"]), default=0)
+    lines += [f"  {f['path']:<{width}}  {human_bytes(f['bytes']):>12}" for f in r["files"]]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    report = inspect_checkpoint(args.checkpoint)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="print step, tokens, world size, optimizer, model/training config, files",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", metavar="CKPT", help="a step-XXXXXXXX folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.set_defaults(func=run)
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
