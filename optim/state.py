@@ -1,0 +1,341 @@
+"""Adam-mini optimizer state keyed by ORIGINAL parameter names, for checkpoints that reshard.
+
+The optimizer's own `state_dict()` is keyed by the tensors it registers (FSDP1 FlatParameters,
+DTensors, plain parameters), so it only loads into the same sharding. This module writes and reads a
+name-keyed form that does not depend on the sharding:
+
+    {"exp_avg":    {name: 1-D fp32, numel(name) elements, the parameter's flattened first moment},
+     "exp_avg_sq": {name: 1-D fp32, one entry per Adam-mini block of the parameter},
+     "step":       {name: fp32 scalar},
+     "hparams":    float64 [lr, beta1, beta2, eps, weight_decay]}
+
+- `sharded_state_dict(opt)`: for `torch.distributed.checkpoint` (DCP). Under FSDP each rank holds
+  pieces `[start, end)` of a parameter's flattened first moment (the unit's segments); `exp_avg[name]`
+  is then a 1-D `ShardedTensor` whose local shards are VIEWS of the optimizer's state at those
+  offsets, so DCP writes them without a copy and loads into them in place. `exp_avg_sq` (replicated
+  over the unit's ranks) and `step` are plain tensors, which DCP writes once. Unsharded optimizers
+  (single device, DDP) give plain full tensors. DCP reshards on load: a checkpoint written on W ranks
+  loads on W' ranks, FSDP1 or FSDP2 or unsharded, because only the names and the global 1-D shapes
+  are stored.
+- `load_sharded_state_dict(opt, sd)`: after `dcp.load(sd)` filled the dict made by
+  `sharded_state_dict(opt)`, copies what is not already in place (v, step, hparams) into `opt`.
+  It also accepts full tensors by name (from `full_state_dict` or torch.save).
+- `full_state_dict(opt)`: everything by name as full tensors, gathered on rank 0 (consolidation).
+- `save_optimizer(opt, path)` / `load_optimizer(opt, path)`: the DCP round trip in one call each,
+  and `OptimizerState(opt)`, a `Stateful` that DCP's save/load call by themselves.
+
+Note on Lightning Fabric: `FSDPStrategy.save_checkpoint(state)` (sharded) treats every entry that is
+not a module or an optimizer as metadata that rank 0 `torch.save`s into `meta.pt` (Lightning 2.6.6);
+a `ShardedTensor` there would lose the other ranks' pieces. Save the Adam-mini state with DCP
+directly (`save_optimizer`, e.g. into `<ckpt>/optimizer/`), not through `fabric.save`, and never pass
+the optimizer object itself to `fabric.save` under FSDP (FSDP.optim_state_dict cannot handle a
+per-block v).
+
+Limitation: replicated shards across ranks that also shard (HSDP) are refused in
+`sharded_state_dict`; plain replication (DDP) is fine.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from optim.units import local_1d
+
+
+
+# --------------------------------------------------------------------------------------------------
+# What every name maps to inside the optimizer
+# --------------------------------------------------------------------------------------------------
+
+def _layouts(optimizer, layouts):
+    layouts = layouts if layouts is not None else getattr(optimizer, "layouts", None)
+    if layouts is None:
+        raise ValueError("optim.state needs the optimizer's block layouts: pass layouts=, or use an AdamMini that "
+                         "keeps `self.layouts`")
+    return layouts
+
+
+def _entries(optimizer, layouts=None) -> list[dict]:
+    """Per parameter name: its unit index, block range in the unit's vector, numel and local segments."""
+    layouts = _layouts(optimizer, layouts)
+    out = []
+    for i, unit in enumerate(optimizer.units):
+        base = 0
+        segs: dict[str, list] = {}
+        for s in unit.segments:
+            if s.end > s.start:
+                segs.setdefault(s.name, []).append(s)
+        for name in unit.names:
+            lay = layouts[name]
+            out.append(dict(name=name, unit=i, blocks=(base, base + lay.n_blocks), numel=lay.numel,
+                            segments=sorted(segs.get(name, []), key=lambda s: s.start),
+                            sharded=unit.group is not None))
+            base += lay.n_blocks
+    names = [e["name"] for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError("a parameter name appears in two units")
+    return out
+
+
+def _state(optimizer, i: int) -> dict:
+    state = optimizer.state[optimizer.units[i].param]
+    if not state and hasattr(optimizer, "init_state"):  # before the first step: zeros, step 0
+        optimizer.init_state()
+        state = optimizer.state[optimizer.units[i].param]
+    if not state:
+        raise RuntimeError(f"unit {optimizer.units[i].label!r} has no optimizer state")
+    return state
+
+
+def _hparams(optimizer) -> torch.Tensor:
+    """`[lr, beta1, beta2, eps, weight_decay]` of the first param group, float64.
+
+    A tensor, not a dict of floats. On a rank that holds no piece of some parameter, DCP drops that
+    ShardedTensor from its flattened state dict; the load planner (torch 2.13) takes the checkpoint
+    keys it then misses for a pre-2.4 checkpoint and re-flattens with the 2.3 rules, under which a
+    dict of plain scalars is one leaf: loading failed with "Missing key ... optimizer.hparams".
+    """
+    g = optimizer.param_groups[0]
+    return torch.tensor([g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]], dtype=torch.float64)
+
+
+def _set_hparams(optimizer, hp) -> None:
+    lr, b1, b2, eps, wd = (float(x) for x in torch.as_tensor(hp, dtype=torch.float64).reshape(-1).tolist())
+    for group in optimizer.param_groups:
+        group.update(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded (DCP) state dict
+# --------------------------------------------------------------------------------------------------
+
+def sharded_state_dict(optimizer, layouts: Mapping | None = None) -> dict[str, Any]:
+    """Name-keyed state for `torch.distributed.checkpoint.save/load` (see module docstring).
+
+    Collective when some unit is sharded (one `all_gather_object` over the default group): call it
+    on every rank. The returned tensors alias the optimizer state where they can (exp_avg pieces, and
+    exp_avg_sq slices), so the dict is both what to save and where DCP loads to.
+    """
+    entries = _entries(optimizer, layouts)
+    exp_avg: dict[str, Any] = {}
+    exp_avg_sq: dict[str, torch.Tensor] = {}
+    step: dict[str, torch.Tensor] = {}
+    pieces: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+    for e in entries:
+        state = _state(optimizer, e["unit"])
+        m = state["exp_avg"]
+        lo, hi = e["blocks"]
+        exp_avg_sq[e["name"]] = state["exp_avg_sq"][lo:hi]
+        step[e["name"]] = state["step"].detach().clone().reshape(())
+        views = [(s.start, s.end, m[s.offset:s.offset + (s.end - s.start)]) for s in e["segments"]]
+        if e["sharded"]:
+            pieces[e["name"]] = views
+        else:
+            if len(views) != 1 or views[0][:2] != (0, e["numel"]):
+                raise RuntimeError(f"{e['name']}: an unsharded unit must hold the whole parameter")
+            exp_avg[e["name"]] = views[0][2]
+    if pieces:
+        if not _distributed():
+            raise RuntimeError("sharded Adam-mini units but torch.distributed is not initialised")
+        numel = {e["name"]: e["numel"] for e in entries}
+        exp_avg.update(_sharded_tensors(pieces, numel))
+    return {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": step, "hparams": _hparams(optimizer)}
+
+
+def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], numel: dict[str, int]) -> dict:
+    """1-D ShardedTensors over the default group from every rank's `[start, end)` pieces (one gather)."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {name: [(a, b, str(t.device)) for a, b, t in views] for name, views in pieces.items()}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    out = {}
+    for name in sorted(pieces):
+        shards_md, local, seen = [], [], {}
+        for r in range(world):
+            for a, b, device in (everyone[r] or {}).get(name, []):
+                if (a, b) in seen:
+                    raise NotImplementedError(
+                        f"{name}[{a}:{b}] is held by ranks {seen[(a, b)]} and {r}: replicated shards (HSDP) are not "
+                        f"supported by optim.state.sharded_state_dict; use full_state_dict")
+                seen[(a, b)] = r
+                md = ShardMetadata(shard_offsets=[a], shard_sizes=[b - a], placement=f"rank:{r}/{device}")
+                shards_md.append(md)
+                if r == rank:
+                    view = next(t for x, y, t in pieces[name] if (x, y) == (a, b))
+                    local.append(Shard(tensor=view, metadata=md))
+        if sum(md.shard_sizes[0] for md in shards_md) != numel[name]:
+            raise RuntimeError(f"{name}: the ranks' pieces cover {sum(md.shard_sizes[0] for md in shards_md)} of "
+                               f"{numel[name]} elements (are all ranks in the default group?)")
+        props = TensorProperties(dtype=torch.float32, layout=torch.strided, requires_grad=False,
+                                 memory_format=torch.contiguous_format, pin_memory=False)
+        meta = ShardedTensorMetadata(shards_metadata=shards_md, size=torch.Size([numel[name]]),
+                                     tensor_properties=props)
+        out[name] = ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+    return out
+
+
+def load_sharded_state_dict(optimizer, state_dict: Mapping[str, Any], layouts: Mapping | None = None,
+                            load_hparams: bool = True) -> None:
+    """Put a name-keyed state (from `dcp.load` into `sharded_state_dict(opt)`, or full tensors) into `opt`.
+
+    `exp_avg[name]` may be a ShardedTensor (its local shards must cover this rank's pieces) or a full
+    1-D / parameter-shaped tensor. Every name of the optimizer must be present; names of a unit must
+    agree on `step`. Not collective.
+    """
+    entries = _entries(optimizer, layouts)
+    missing = [e["name"] for e in entries if e["name"] not in state_dict["exp_avg"]]
+    if missing:
+        raise KeyError(f"optimizer state for {len(missing)} parameters is missing, e.g. {missing[:3]}")
+    unit_steps: dict[int, float] = {}
+    with torch.no_grad():
+        for e in entries:
+            name, state = e["name"], _state(optimizer, e["unit"])
+            m = state["exp_avg"]
+            src = state_dict["exp_avg"][name]
+            for s in e["segments"]:
+                dst = m[s.offset:s.offset + (s.end - s.start)]
+                piece = _piece(src, s.start, s.end, name, e["numel"])
+                if piece.data_ptr() != dst.data_ptr():
+                    dst.copy_(piece)
+            lo, hi = e["blocks"]
+            v = torch.as_tensor(state_dict["exp_avg_sq"][name])
+            if v.numel() != hi - lo:
+                raise ValueError(f"{name}: exp_avg_sq has {v.numel()} entries, the layout has {hi - lo} blocks")
+            dst = state["exp_avg_sq"][lo:hi]
+            if v.data_ptr() != dst.data_ptr():
+                dst.copy_(v.reshape(-1))
+            t = float(torch.as_tensor(state_dict["step"][name]).item())
+            if unit_steps.setdefault(e["unit"], t) != t:
+                raise ValueError(f"unit {optimizer.units[e['unit']].label!r}: parameters saved with different steps "
+                                 f"({unit_steps[e['unit']]} and {t} for {name})")
+        for i, t in unit_steps.items():
+            _state(optimizer, i)["step"].fill_(t)
+    if load_hparams and state_dict.get("hparams") is not None:
+        _set_hparams(optimizer, state_dict["hparams"])
+
+
+def _piece(src, start: int, end: int, name: str, numel: int) -> torch.Tensor:
+    """Elements [start, end) of the flattened parameter-sized `src` (a full tensor or a ShardedTensor)."""
+    if hasattr(src, "local_shards"):
+        for shard in src.local_shards():
+            a = shard.metadata.shard_offsets[0]
+            b = a + shard.metadata.shard_sizes[0]
+            if a <= start and end <= b:
+                return shard.tensor.reshape(-1)[start - a:end - a]
+        raise ValueError(f"{name}: no local shard of the loaded exp_avg covers [{start}, {end})")
+    src = torch.as_tensor(src)
+    if src.numel() != numel:
+        raise ValueError(f"{name}: exp_avg has {src.numel()} elements, the parameter {numel}")
+    return src.reshape(-1)[start:end]
+
+
+# --------------------------------------------------------------------------------------------------
+# Full (consolidated) state dict
+# --------------------------------------------------------------------------------------------------
+
+def full_state_dict(optimizer, layouts: Mapping | None = None, rank0_only: bool = True) -> dict[str, Any]:
+    """The whole state by name as full tensors (exp_avg parameter-sized 1-D), on CPU.
+
+    Collective when some unit is sharded: call on every rank. With `rank0_only` the other ranks get
+    an empty dict (and hold only one unit's pieces at a time while gathering).
+    """
+    entries = _entries(optimizer, layouts)
+    rank = dist.get_rank() if _distributed() else 0
+    keep = rank == 0 or not rank0_only
+    out: dict[str, Any] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}, "hparams": _hparams(optimizer)}
+    by_unit: dict[int, list[dict]] = {}
+    for e in entries:
+        by_unit.setdefault(e["unit"], []).append(e)
+    for i, unit_entries in by_unit.items():
+        state = _state(optimizer, i)
+        unit = optimizer.units[i]
+        m = state["exp_avg"]
+        local = {e["name"]: [(s.start, s.end, m[s.offset:s.offset + (s.end - s.start)].detach().cpu().clone())
+                             for s in e["segments"]] for e in unit_entries}
+        if unit.group is not None:
+            size = dist.get_world_size(unit.group)
+            if rank0_only:
+                dst = dist.get_global_rank(unit.group, 0)
+                gathered = [None] * size if rank == dst else None
+                dist.gather_object(local, gathered, dst=dst, group=unit.group)
+                if keep and rank != dst:
+                    raise RuntimeError("full_state_dict(rank0_only=True): global rank 0 must be rank 0 of every group")
+            else:
+                gathered = [None] * size
+                dist.all_gather_object(gathered, local, group=unit.group)
+        else:
+            gathered = [local]
+        if not keep:
+            continue
+        for e in unit_entries:
+            name = e["name"]
+            full = torch.full((e["numel"],), float("nan"), dtype=torch.float32)
+            covered = 0
+            seen = set()
+            for part in gathered:
+                for a, b, t in part.get(name, []):
+                    if (a, b) in seen:
+                        continue
+                    seen.add((a, b))
+                    full[a:b] = t
+                    covered += b - a
+            if covered != e["numel"]:
+                raise RuntimeError(f"{name}: gathered pieces cover {covered} of {e['numel']} elements")
+            lo, hi = e["blocks"]
+            out["exp_avg"][name] = full
+            out["exp_avg_sq"][name] = state["exp_avg_sq"][lo:hi].detach().cpu().clone()
+            out["step"][name] = state["step"].detach().cpu().clone().reshape(())
+    return out if keep else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# DCP helpers
+# --------------------------------------------------------------------------------------------------
+
+class OptimizerState:
+    """`Stateful` wrapper: put ``{"optimizer": OptimizerState(opt)}`` in a dict given to `dcp.save/load`."""
+
+    def __init__(self, optimizer, layouts: Mapping | None = None):
+        self.optimizer, self.layouts = optimizer, layouts
+
+    def state_dict(self) -> dict[str, Any]:
+        return sharded_state_dict(self.optimizer, self.layouts)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        load_sharded_state_dict(self.optimizer, state_dict, self.layouts)
+
+
+def save_optimizer(optimizer, path, layouts: Mapping | None = None) -> None:
+    """Write the name-keyed state with DCP into directory `path` (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    dcp.save({"optimizer": sharded_state_dict(optimizer, layouts)}, checkpoint_id=str(path),
+             no_dist=not _distributed())
+
+
+def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams: bool = True) -> None:
+    """Read a checkpoint written by `save_optimizer` (any world size, any sharding) into `optimizer`."""
+    import torch.distributed.checkpoint as dcp
+    sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
+    dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
+    load_sharded_state_dict(optimizer, sd["optimizer"], layouts, load_hparams=load_hparams)
+
+
+def state_numel(state_dict: Mapping[str, Any]) -> int:
+    """Total elements of a name-keyed state dict (for inspection)."""
+    total = 0
+    for key in ("exp_avg", "exp_avg_sq"):
+        for t in state_dict.get(key, {}).values():
+            total += math.prod(t.shape)
+    return total
