@@ -214,8 +214,8 @@ class Checkpoint:
         if self.optimizer_path.is_dir():
             md = _dcp_metadata(self.optimizer_path)
             total = 0
-            for meta in md.state_dict_metadata.values():
-                if hasattr(meta, "size"):
+            for key, meta in md.state_dict_metadata.items():
+                if hasattr(meta, "size") and ".hparams" not in key:  # hyper-parameters are not state
                     total += _numel(meta.size) * _itemsize(meta.properties.dtype)
             return total
         saved = _torch_load(self.optimizer_path, "optimizer state")
@@ -238,6 +238,19 @@ class Checkpoint:
         if self.optimizer_path.is_dir():
             _dcp_metadata(self.optimizer_path)
             tree = _dcp_load(self.optimizer_path, None)
+            named = tree.get("optimizer", tree)
+            if isinstance(named, dict) and isinstance(named.get("exp_avg"), dict):
+                # optim/state.py: {"exp_avg": {name: 1-D}, "exp_avg_sq": {name: blocks}, "step": {name}, "hparams"}
+                shapes = expected_shapes(self.model_config)
+                by_name = {}
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    for name, value in (named.get(key) or {}).items():
+                        name = strip_wrappers(name)
+                        if key == "exp_avg" and name in shapes and value.numel() == _numel(shapes[name]):
+                            value = value.reshape(shapes[name])
+                        by_name.setdefault(name, {})[key] = value
+                return {"kind": kind, "format": "by_name", "param_groups": [named.get("hparams", {})],
+                        "state": by_name}
             return {"kind": kind, "format": "dcp", "state": tree}
         saved = _torch_load(self.optimizer_path, "optimizer state")
         try:
