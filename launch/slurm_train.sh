@@ -5,9 +5,12 @@
 #      detects SLURM (SLURM_NTASKS, SLURM_PROCID, ...) and needs no launcher;
 #   2. forwards SIGUSR1 (`#SBATCH --signal=B:USR1@180`: 180 s before the time limit, to this shell only)
 #      to the step through srun; the app finishes its step, saves a checkpoint and exits 0;
-#   3. requeues the job (`scontrol requeue`, needs `#SBATCH --requeue`) ONLY when it was interrupted by a
-#      signal and the app saved (exit 0 after SIGUSR1, 143 after SIGTERM). A finished run ends the job;
-#      a crash (any other status) ends it with that status, so a broken run is not retried forever.
+#   3. requeues the job (`scontrol requeue`, needs `#SBATCH --requeue`) ONLY when SIGUSR1 interrupted it
+#      and the app saved and exited 0. A finished run ends the job; a crash (any other status) ends it
+#      with that status, so a broken run is not retried forever.
+# SIGTERM (scancel, preemption, the time limit itself) is not a reason to requeue here: after `scancel`
+# the user wants the job gone, and a preempted job with --requeue is requeued by Slurm itself. The app
+# still saves on SIGTERM (exit 143) if Slurm gives it the time (KillWait / GraceTime).
 # The requeued job starts this script again; `--resume auto` continues from the newest checkpoint.
 #
 # Why B:USR1 and not plain USR1: the app exits 0 both when it finished and when SIGUSR1 stopped it, so
@@ -70,7 +73,7 @@ on_usr1() {
 # shellcheck disable=SC2329  # invoked by trap
 on_term() {
     interrupted=TERM
-    log "got SIGTERM: Slurm is stopping the job; the training step saves on its own SIGTERM"
+    log "got SIGTERM: Slurm is stopping the job; the training step saves on its own SIGTERM (not forwarded)"
 }
 trap on_usr1 USR1
 trap on_term TERM
@@ -101,7 +104,7 @@ while :; do
     break
 done
 
-if [ -n "$interrupted" ] && { [ "$status" -eq 0 ] || [ "$status" -eq 143 ]; }; then
+if [ "$interrupted" = USR1 ] && [ "$status" -eq 0 ]; then
     if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
         log "interrupted by SIG$interrupted after $RESTARTS restarts (AMP_MAX_REQUEUES=$MAX_REQUEUES): not requeueing"
         exit 1
@@ -112,6 +115,10 @@ if [ -n "$interrupted" ] && { [ "$status" -eq 0 ] || [ "$status" -eq 143 ]; }; t
 elif [ "$status" -eq 0 ]; then
     log "training finished"
     exit 0
+elif [ "$interrupted" = TERM ] && [ "$status" -eq 143 ]; then
+    log "stopped by SIGTERM after saving a checkpoint: not requeueing (Slurm requeues preempted jobs" \
+        "itself); sbatch the same command again to continue"
+    exit "$status"
 else
     log "training failed with status $status: not requeueing. Fix the cause and sbatch again; --resume auto" \
         "continues from the newest complete checkpoint"

@@ -8,7 +8,8 @@ launch/slurm_train.sh) with stand-ins for `srun` (runs the command as the one ta
    does not ask for another requeue;
 3. steps and tokens continue without a gap or a repeat, and the final weights and optimizer state equal
    an uninterrupted run's, bitwise;
-4. a run that fails (bad option) is not requeued.
+4. SIGTERM (scancel, preemption) saves but does not requeue; a run that fails (bad option) is not
+   requeued either.
 """
 from __future__ import annotations
 
@@ -124,6 +125,25 @@ def test_usr1_checkpoint_requeue_resume_equals_straight_run(data_dir, tmp_path, 
     straight_final = straight / f"step-{STEPS:08d}"
     assert_same_tensors(load_tensors(final / "model.pt"), load_tensors(straight_final / "model.pt"), "model")
     assert_same_tensors(load_tensors(final / "optimizer.pt"), load_tensors(straight_final / "optimizer.pt"), "optimizer")
+
+
+def test_sigterm_saves_but_does_not_requeue(data_dir, tmp_path, slurm_env):
+    """scancel / preemption: Slurm sends SIGTERM to every process of the job at once (here: the process
+    group). The app saves and exits 143; the script does not requeue (the user cancelled, or Slurm
+    requeues a preempted job itself)."""
+    env, log = slurm_env
+    run = tmp_path / "run"
+    proc = sbatch(app_args(data_dir, run), env, start_new_session=True)
+    lines: list[str] = []
+    assert read_until(proc, f"step      2/{STEPS}", lines, timeout_s=300), "".join(lines)
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    out = "".join(lines) + rest
+    assert proc.returncode == 143, out[-3000:]
+    assert "stopped by SIGTERM after saving a checkpoint: not requeueing" in out
+    assert requeues(log) == []
+    saved = sorted(run.glob("step-*"))
+    assert len(saved) == 1 and json.loads((saved[0] / "trainer.json").read_text())["reason"] == "signal"
 
 
 def test_failed_run_is_not_requeued(tmp_path, slurm_env):
