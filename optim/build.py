@@ -33,10 +33,12 @@ def model_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
     FSDP HOOK: sharded models are detected here; `optim/flat.py` (FSDP1) and `optim/dtensor.py` (FSDP2)
     provide their units and the unsharded shapes (which the local tensors no longer show).
     """
-    if _is_fsdp1(model):
-        raise NotImplementedError("FSDP1 FlatParameter models: units come from optim/flat.py (not wired in yet)")
+    from optim import dtensor, flat
+
+    if _is_fsdp1(model) or flat.is_fsdp1(model):
+        return flat.fsdp1_units(model)  # one unit per FlatParameter (use_orig_params=True is refused there)
     if _is_fsdp2(model):
-        raise NotImplementedError("FSDP2 DTensor models: units come from optim/dtensor.py (not wired in yet)")
+        return dtensor.dtensor_units(model)  # one unit per DTensor parameter (Shard(0) rows)
     units = units_from_module(model)
     shapes = [(name, tuple(p.shape)) for name, p in named_parameters(model)]
     return units, shapes

@@ -1,0 +1,366 @@
+"""Spawned workers for tests/test_optim_fsdp.py (CPU, gloo): FSDP1/FSDP2 Adam-mini vs single process.
+
+One spawn per world size runs every variant, so the ~10 s process start-up is paid once. Rank 0 also
+runs the single-process reference and writes a results file that the test asserts on.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+import zlib
+
+import torch
+import torch.distributed as dist
+
+import models
+from optim.adam_mini import AdamMini
+from optim.build import build_optimizer, model_units
+from optim.layout import model_layout
+from optim.state import full_state_dict, load_optimizer, save_optimizer
+from optim.units import canonical_name, local_1d, units_from_module
+
+# The `debug` model with a small MLP: its FSDP1 Block units are cut inside a K group at W=3 and inside
+# a Q head at W=4 (the default `debug` sizes cut no qkv block at any W <= 4); the test asserts it.
+CONFIG_OVERRIDES = dict(intermediate_size=20)
+SEQ, BATCH, STEPS = 16, 12, 10
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+
+def config():
+    return models.get_config("debug", **CONFIG_OVERRIDES)
+
+
+def batch(step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Global batch of step `step` (same on every world size); rows of `rank`."""
+    g = torch.Generator().manual_seed(1234 + step)
+    data = torch.randint(0, config().padded_vocab_size, (BATCH, SEQ + 1), generator=g)
+    per = BATCH // world
+    return data[rank * per:(rank + 1) * per]
+
+
+def new_model():
+    from litgpt.model import GPT
+    torch.manual_seed(0)
+    cfg = config()
+    model = GPT(cfg)
+    models.init_model(model, cfg.n_layer, cfg.n_embd)
+    return model
+
+
+def loss_fn(model, tokens):
+    logits = model(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+
+
+def train(model, opt, steps, rank=0, world=1, first=0):
+    """Sharded training: this rank's rows of each global batch (FSDP averages the gradients)."""
+    for t in range(first, first + steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch(t, rank, world)).backward()
+        opt.step()
+
+
+def train_reference(model, opt, steps, world, first=0):
+    """Single process, same data: the gradient of each of the `world` micro-batches, summed, / world.
+
+    That is what the sharded run's gradient is mathematically (FSDP sums the ranks' gradients and
+    divides by the world size); computing it the same way keeps rounding differences in the gradient
+    (~1e-7 relative when the full batch is used instead) out of the comparison of the optimizers.
+    """
+    params = list(model.parameters())
+    for t in range(first, first + steps):
+        total = [torch.zeros_like(p) for p in params]
+        for r in range(world):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch(t, r, world)).backward()
+            for acc, p in zip(total, params):
+                acc += p.grad
+        for acc, p in zip(total, params):
+            p.grad = acc / world
+        opt.step()
+
+
+def initial_params() -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in new_model().named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------- wrapping
+def wrap_fsdp1(model):
+    from litgpt.model import Block
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
+                use_orig_params=False, sharding_strategy=ShardingStrategy.FULL_SHARD)
+
+
+def wrap_fsdp2(model, world):
+    from litgpt.model import Block
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for m in model.modules():
+        if isinstance(m, Block):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_params(model, kind) -> dict[str, torch.Tensor]:
+    if kind in ("plain", "ddp"):
+        return {canonical_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        with FSDP.summon_full_params(model, writeback=False):
+            return {canonical_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    return {canonical_name(n): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------- geometry
+def describe_units(units, layouts, rank: int = 0, world: int = 1) -> list[dict]:
+    """Per unit, what this rank holds and which block kinds its segment boundaries cut mid-block.
+
+    For FSDP1 units also whether `optim.flat.flat_shard_segments` (the pure replica of FSDP1's split
+    that the benchmark uses) gives the same segments and padding as FSDP's own fields.
+    """
+    from optim.flat import flat_shard_segments
+    out = []
+    for u in units:
+        local = u.param.to_local() if hasattr(u.param, "to_local") else u.param
+        held = sum(s.end - s.start for s in u.segments)
+        cuts = []
+        for s in u.segments:
+            lay = layouts[s.name]
+            for x in (s.start, s.end):
+                if 0 < x < lay.numel:
+                    kind = cut_kind(lay, x)
+                    if kind:
+                        cuts.append((s.name, x, kind))
+        replica_ok = None
+        if u.label.startswith("fsdp1:"):
+            segs, shard_numel, pad = flat_shard_segments([layouts[n].numel for n in u.names], rank, world)
+            replica_ok = (shard_numel == local.numel() and pad == local.numel() - held and
+                          [(u.names[i], a, b, o) for i, a, b, o in segs]
+                          == [(s.name, s.start, s.end, s.offset) for s in u.segments])
+        out.append(dict(label=u.label, names=u.names, local_numel=local.numel(), held=held, replica_ok=replica_ok,
+                        padding=local.numel() - held,
+                        segments=[(s.name, s.start, s.end, s.offset) for s in u.segments],
+                        partial_only=len(u.segments) == 1 and (u.segments[0].end - u.segments[0].start)
+                        < layouts[u.segments[0].name].numel,
+                        cuts=cuts))
+    return out
+
+
+def cut_kind(lay, x: int) -> str | None:
+    """The kind of block that element boundary `x` cuts in the middle, or None on a block boundary."""
+    begin = 0
+    for run_index, (n, b) in enumerate(lay.runs):
+        if x < begin + n * b:
+            if (x - begin) % b == 0:
+                return None
+            if lay.kind == "qkv":
+                return ("q_head", "k_group", "v_row")[run_index]
+            return {"rows": "row", "tokens": "token_row", "whole": "whole", "elements": None}[lay.kind]
+        begin += n * b
+    return None
+
+
+def rel_err(a: dict, b: dict, base: dict | None = None) -> dict[str, tuple[float, float]]:
+    """Per name: (max|a-b| / max|b|, max|a-b| / max|b-base|)."""
+    out = {}
+    for n in b:
+        d = (a[n] - b[n]).abs().max().item()
+        scale = b[n].abs().max().item()
+        upd = (b[n] - base[n]).abs().max().item() if base is not None else float("nan")
+        out[n] = (d / scale if scale else d, d / upd if upd else d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- tasks
+def synthetic_grad(name: str, shape, step: int) -> torch.Tensor:
+    """A deterministic gradient for `name` at `step`, with row scales spread over two decades."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) * 31 + step)
+    grad = torch.randn(tuple(shape), generator=g)
+    if grad.dim() == 2:
+        grad *= torch.exp(2.3 * torch.rand(grad.shape[0], 1, generator=g))
+    return grad * 1e-2
+
+
+def put_synthetic_grads(units, shapes: dict, step: int) -> None:
+    """Overwrite the local gradients with this rank's pieces of the synthetic full gradients."""
+    for u in units:
+        grad = local_1d(u.param.grad)
+        for s in u.segments:
+            full = synthetic_grad(s.name, shapes[s.name], step).reshape(-1)
+            grad[s.offset:s.offset + s.end - s.start].copy_(full[s.start:s.end])
+
+
+def reference_model(wd: float):
+    model = new_model()
+    units = units_from_module(model)
+    layouts = model_layout(config(), [(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    return model, AdamMini(units, layouts, weight_decay=wd, **HP), layouts
+
+
+def reference_synthetic(wd: float, steps: int = STEPS):
+    model, opt, layouts = reference_model(wd)
+    for t in range(steps):
+        for n, p in model.named_parameters():
+            p.grad = synthetic_grad(n, p.shape, t)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt, layouts)
+
+
+def reference_resume(wd: float, world1: int, world2: int, steps1: int = 5, steps2: int = 5):
+    """Uninterrupted single-process run: `steps1` steps split like `world1`, then `steps2` like `world2`."""
+    model, opt, layouts = reference_model(wd)
+    train_reference(model, opt, steps1, world1)
+    train_reference(model, opt, steps2, world2, first=steps1)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def state_err(got: dict, ref: dict) -> dict[str, float]:
+    """Max over names of max|a-b| / max|b| for exp_avg and exp_avg_sq, and whether the steps agree."""
+    out = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        worst = 0.0
+        for n, b in ref[key].items():
+            a = got[key][n]
+            scale = b.abs().max().item()
+            worst = max(worst, (a - b).abs().max().item() / (scale if scale else 1.0))
+        out[key] = worst
+    out["step"] = float(all(float(got["step"][n]) == float(ref["step"][n]) for n in ref["step"]))
+    return out
+
+
+def build(kind: str, world: int, wd: float, init: dict | None = None, drop_groups: bool = False):
+    """A model (optionally loaded with full `init` parameters), wrapped as `kind`, and its Adam-mini
+    from `optim.build.build_optimizer` (which dispatches on the wrapping)."""
+    model = new_model()
+    if init is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(init[n])
+    if kind == "fsdp1":
+        model = wrap_fsdp1(model)
+    elif kind == "fsdp2":
+        model = wrap_fsdp2(model, world)
+    elif kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model)
+    elif kind != "plain":
+        raise ValueError(kind)
+    opt = build_optimizer(model, config(), "adam_mini", weight_decay=wd, **HP)
+    units = opt.units
+    if drop_groups:  # negative control: no all-reduce of the block sums
+        for u in units:
+            u.group = None
+    layouts = model_layout(config(), model_units(model)[1])
+    return model, opt, units, layouts
+
+
+def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
+    """Sharded Adam-mini for STEPS steps vs the single-process one on the same data (or gradients)."""
+    kind, wd, flags = task["kind"], task["wd"], task.get("flags", ())
+    model, opt, units, layouts = build(kind, world, wd, drop_groups="nogroup" in flags)
+    geo = describe_units(units, layouts, rank, world)
+    shapes = {n: lay.shape for n, lay in layouts.items()}
+    for t in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch(t, rank, world)).backward()
+        if "synthetic" in flags:
+            put_synthetic_grads(units, shapes, t)
+        opt.step()
+    got = full_params(model, kind)
+    # (the negative control dropped the groups, so its pieces cannot be gathered by full_state_dict)
+    got_state = None if "nogroup" in flags else full_state_dict(opt, layouts)
+    geos = [None] * world
+    dist.all_gather_object(geos, geo)
+    if rank != 0:
+        return None
+    key = (wd, "synthetic" in flags)
+    if key not in refs:
+        refs[key] = reference_synthetic(wd) if "synthetic" in flags else reference_full(wd, world)
+    ref_params, ref_state = refs[key]
+    return dict(err=rel_err(got, ref_params, base), geometry=geos,
+                state_err=None if got_state is None else state_err(got_state, ref_state))
+
+
+def reference_full(wd: float, world: int):
+    model, opt, layouts = reference_model(wd)
+    train_reference(model, opt, STEPS, world)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt, layouts)
+
+
+def task_save(task: dict, rank: int, world: int) -> dict | None:
+    """Train 5 steps as `kind` on this world, write model.pt (full parameters) and the DCP optimizer state."""
+    kind, wd, path = task["kind"], task["wd"], task["path"]
+    model, opt, units, layouts = build(kind, world, wd)
+    if kind == "plain":
+        train_reference(model, opt, 5, world)
+    else:
+        train(model, opt, 5, rank, world)
+    params = full_params(model, kind)
+    save_optimizer(opt, os.path.join(path, "optimizer"), layouts)
+    if rank == 0:
+        torch.save(dict(params=params, world=world, wd=wd), os.path.join(path, "model.pt"))
+    if world > 1:
+        dist.barrier()
+    return dict(saved=path) if rank == 0 else None
+
+
+def task_load(task: dict, rank: int, world: int) -> dict | None:
+    """Load a checkpoint written on another world size / sharding, train 5 more steps, vs uninterrupted."""
+    kind, path = task["kind"], task["path"]
+    saved = torch.load(os.path.join(path, "model.pt"), weights_only=False)
+    # built with a different weight decay on purpose: load_optimizer must restore the saved hparams
+    model, opt, units, layouts = build(kind, world, 0.5, init=saved["params"])
+    load_optimizer(opt, os.path.join(path, "optimizer"), layouts)
+    assert opt.param_groups[0]["weight_decay"] == saved["wd"], "hparams not restored"
+    if kind == "plain":
+        train_reference(model, opt, 5, world, first=5)
+    else:
+        train(model, opt, 5, rank, world, first=5)
+    got = full_params(model, kind)
+    if rank != 0:
+        return None
+    ref = reference_resume(saved["wd"], saved["world"], world)
+    return dict(err=rel_err(got, ref, saved["params"]), saved_world=saved["world"])
+
+
+def run_tasks(tasks, rank: int, world: int) -> dict:
+    results: dict = {"world": world}
+    base = initial_params() if rank == 0 else None
+    refs: dict = {}
+    for task in tasks:
+        op = task["op"]
+        if op == "eq":
+            res = task_eq(task, rank, world, base, refs)
+        elif op == "save":
+            res = task_save(task, rank, world)
+        elif op == "load":
+            res = task_load(task, rank, world)
+        else:
+            raise ValueError(task)
+        if world > 1:
+            dist.barrier()
+        results[task["name"]] = res
+    return results
+
+
+# ---------------------------------------------------------------------------------------- main
+def run(rank: int, world: int, port: int, out_dir: str, tasks) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = run_tasks(tasks, rank, world)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, f"result_w{world}.pt"))
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
