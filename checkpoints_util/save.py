@@ -10,7 +10,10 @@ Layout of one checkpoint (FORMAT = 1):
       model/              FSDP (sharded): torch.distributed.checkpoint folder of {"model": ...}
       optimizer.pt        single device / DDP: {"state_dict": optimizer.state_dict(),
                                                 "param_names": [name of each index in state_dict order]}
-      optimizer/          FSDP: optimizer state keyed by original parameter names (optim/state.py)
+      optimizer/          FSDP + Adam-mini: DCP folder of the state keyed by original parameter names
+                          (optim/state.py: exp_avg / exp_avg_sq / step per name, hparams); loads on
+                          any world size. FSDP + AdamW: the optimizer is inside model/ (Fabric's
+                          sharded save, FSDP.optim_state_dict), and trainer.json says optimizer_file "model".
       rank-00000.pt ...   one per rank: {"rank", "world_size", "loader": loader.state_dict(),
                                           "rng": {"python", "numpy", "torch", "cuda"}}
 
@@ -137,6 +140,10 @@ def _unwrap_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _is_adam_mini(optimizer) -> bool:
+    return hasattr(_unwrap_optimizer(optimizer), "units")
+
+
 def _plain_module(model):
     return getattr(model, "module", model)
 
@@ -163,12 +170,16 @@ def save_checkpoint(fabric, out_dir: str | Path, step: int, state: dict[str, Any
     fabric.barrier()
 
     model, optimizer = state["model"], state["optimizer"]
-    if sharded:
+    if sharded and _is_adam_mini(optimizer):
+        # FSDP.optim_state_dict cannot hold Adam-mini's per-block v: its own name-keyed DCP writer.
         fabric.save(tmp / "model", {"model": model})
-        from optim import state as optim_state  # name-keyed, resharding-capable (optim/state.py)
+        from optim import state as optim_state
 
-        optim_state.save_optimizer_state(_unwrap_optimizer(optimizer), tmp / "optimizer")
+        optim_state.save_optimizer(_unwrap_optimizer(optimizer), tmp / "optimizer")
         model_file, optimizer_file = "model", "optimizer"
+    elif sharded:  # AdamW: Fabric's sharded save of model + optimizer (FSDP.optim_state_dict), one DCP folder
+        fabric.save(tmp / "model", {"model": model, "optimizer": optimizer})
+        model_file, optimizer_file = "model", "model"
     else:
         fabric.save(tmp / "model.pt", {"model": model})
         if fabric.global_rank == 0:
@@ -238,12 +249,19 @@ def load_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> dict[str
         raise CheckpointError(
             f"{path}: written with {trainer['strategy']} ({trainer['model_file']}), this run uses "
             f"{type(fabric.strategy).__name__} ({expected_model}); consolidate/convert it first")
-    fabric.load(path / trainer["model_file"], {"model": model}, strict=True)
-    if sharded:
+    if sharded and trainer["optimizer_file"] == "model":
+        if _is_adam_mini(optimizer):
+            raise CheckpointError(f"{path}: holds an AdamW state, this run uses Adam-mini")
+        fabric.load(path / "model", {"model": model, "optimizer": optimizer}, strict=True)
+    elif sharded:
+        if not _is_adam_mini(optimizer):
+            raise CheckpointError(f"{path}: holds an Adam-mini state, this run uses AdamW")
+        fabric.load(path / "model", {"model": model}, strict=True)
         from optim import state as optim_state
 
-        optim_state.load_optimizer_state(_unwrap_optimizer(optimizer), path / "optimizer")
+        optim_state.load_optimizer(_unwrap_optimizer(optimizer), path / "optimizer")
     else:
+        fabric.load(path / "model.pt", {"model": model}, strict=True)
         saved = torch.load(path / "optimizer.pt", map_location=fabric.device, weights_only=True)
         opt = _unwrap_optimizer(optimizer)
         names = _param_names(_plain_module(model), opt)

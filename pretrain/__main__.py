@@ -1,4 +1,4 @@
-"""`python -m pretrain` / `amp-pretrain` / `fabric run -m pretrain`: see `python -m pretrain --help`.
+"""`python -m pretrain` / `amp-pretrain` / `fabric run launch/train.py`: see `python -m pretrain --help`.
 
 Exit status: 0 done (or stopped by SIGUSR1 after saving: requeue), 143 stopped by SIGTERM after saving,
 1 non-finite loss (nothing saved; the newest checkpoint is the last good state), 2 configuration or

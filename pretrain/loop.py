@@ -75,14 +75,15 @@ def accumulate_gradients(fabric: L.Fabric, model, micro_batches, nan: bool = Fal
     """
     micro_batches = list(micro_batches)
     n = len(micro_batches)
-    total = torch.zeros((), device=fabric.device)
+    total = None
     for i, batch in enumerate(micro_batches):
         with fabric.no_backward_sync(model, enabled=i < n - 1):
             loss = micro_loss(model, batch)
             if nan and i == 0:
                 loss = loss * float("nan")
             fabric.backward(loss / n)
-        total += loss.detach().float()
+        value = loss.detach()
+        total = value if total is None else total + value
     return total / n
 
 

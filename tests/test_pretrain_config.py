@@ -1,0 +1,137 @@
+"""The pretraining configuration: --help lists every option, precedence defaults < YAML < CLI, clear
+errors, the shipped recipes are valid; the learning-rate schedule against hand-computed values."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, PretrainConfig, build_parser, iter_options, load_yaml, parse_args
+from pretrain.loop import plan_steps
+from pretrain.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "pretrain", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    keys = [key for key, _, _ in iter_options()]
+    assert len(keys) >= 35
+    for key, _, f in iter_options():
+        assert f"--{key}" in text, key
+        assert " ".join(f.metadata["help"].split()[:4]) in text, key
+    for flag in ("--config", "--print_config"):
+        assert flag in text
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model: {name: debug, overrides: {n_layer: 3}}\n"
+                 "optimizer: {lr: 1.0e-3, betas: [0.8, 0.9]}\n"
+                 "train: {max_steps: 10, micro_batch_size: 4}\n")
+    cfg, print_only = parse_args(["--config", str(y), "--train.max_steps", "20", "--optimizer.eps", "1e-6",
+                                  "--logging.tensorboard", "false", "--train.max_tokens", "null"])
+    assert not print_only
+    assert cfg.model.name == "debug" and cfg.model.overrides == {"n_layer": 3}
+    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.betas == (0.8, 0.9)  # from YAML
+    assert cfg.train.max_steps == 20 and cfg.optimizer.eps == 1e-6        # CLI wins
+    assert cfg.train.micro_batch_size == 4 and cfg.logging.tensorboard is False
+    assert cfg.train.max_tokens is None
+    assert cfg.data.seq_len == PretrainConfig().data.seq_len              # default kept
+    # the resolved config round-trips through YAML
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml())
+    cfg2, _ = parse_args(["--config", str(again)])
+    assert cfg2 == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {max_stepz: 3}\n", "unknown option 'train.max_stepz'"),
+    ("trian: {max_steps: 3}\n", "unknown option 'trian'"),
+    ("train: {max_steps: three}\n", "train.max_steps: expected an integer"),
+    ("optimizer: {name: sgd}\n", "optimizer.name: 'sgd' is not one of adam_mini, adamw"),
+    ("optimizer: {betas: [0.9]}\n", "optimizer.betas: expected a list of 2 values"),
+    ("train: 5\n", "section 'train' must be a mapping"),
+    ("train: {max_steps: null, max_tokens: null}\n", "set at least one"),
+    ("optimizer: {lr: 1.0e-4, min_lr: 1.0e-3}\n", "larger than optimizer.lr"),
+])
+def test_yaml_errors_name_file_and_key(tmp_path, text, message):
+    y = tmp_path / "bad.yaml"
+    y.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", str(y), "--train.max_steps", "3"] if "max_steps: null" not in text
+                   else ["--config", str(y)])
+    assert message in str(err.value)
+    if "unknown" in message or "expected" in message or "not one of" in message:
+        assert str(y) in str(err.value)
+
+
+def test_cli_errors_exit_2_with_message():
+    from pretrain.__main__ import main
+
+    assert main(["--train.max_steps", "x"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--no_such_option", "1"])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_are_valid(path):
+    cfg, _ = parse_args(["--config", str(path)])
+    assert set(load_yaml(path)) <= {k.split(".")[0] for k, _, _ in iter_options()}
+    world = cfg.system.devices * cfg.system.num_nodes
+    steps = plan_steps(cfg, world)  # raises if the global batch is not divisible
+    assert steps.total > cfg.optimizer.warmup_steps
+    import models
+
+    mc = models.get_config(cfg.model.name, **cfg.model.overrides)
+    assert cfg.data.seq_len <= mc.block_size
+
+
+def test_expected_recipes_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "tinyllama-1.1b.yaml", "llama2-7b.yaml", "llama2-13b.yaml"} <= names
+
+
+def test_global_batch_must_divide():
+    cfg = PretrainConfig()
+    cfg.train.global_batch_tokens, cfg.train.micro_batch_size, cfg.data.seq_len = 3000, 2, 256
+    cfg.train.max_steps = 5
+    with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size x data.seq_len x world size"):
+        plan_steps(cfg, 1)
+    cfg.train.global_batch_tokens = 2 * 256 * 3 * 4
+    assert plan_steps(cfg, 3).micro_batches == 4
+    cfg.train.max_tokens = 2 * 256 * 3 * 4 * 3 + 5  # three whole steps and a bit
+    assert plan_steps(cfg, 3).total == 3            # the smaller limit wins
+    cfg.train.max_steps = None
+    assert plan_steps(cfg, 3).total == 3
+
+
+def test_schedule_against_hand_computation():
+    lr, min_lr, warm, total = 1e-3, 1e-4, 4, 14
+    # warm-up: lr * s / warm
+    assert [lr_at(s, lr, min_lr, warm, total) for s in (1, 2, 3, 4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    # cosine over the 10 steps after warm-up: min + (lr - min) * (1 + cos(pi * k / 10)) / 2
+    assert lr_at(9, lr, min_lr, warm, total) == pytest.approx(1e-4 + 9e-4 * 0.5)   # halfway, k = 5
+    assert lr_at(6, lr, min_lr, warm, total) == pytest.approx(1e-4 + 9e-4 * (1 + math.cos(math.pi * 0.2)) / 2)
+    assert lr_at(14, lr, min_lr, warm, total) == pytest.approx(1e-4)
+    assert lr_at(20, lr, min_lr, warm, total) == 1e-4                                # after the end
+    assert lr_at(1, lr, min_lr, 0, total) == pytest.approx(1e-4 + 9e-4 * (1 + math.cos(math.pi / 14)) / 2)
+    values = [lr_at(s, lr, min_lr, warm, total) for s in range(warm, total + 1)]
+    assert all(a > b for a, b in zip(values, values[1:]))                            # strictly decreasing
+    with pytest.raises(ValueError):
+        lr_at(0, lr, min_lr, warm, total)
+
+
+def test_print_config(capsys):
+    from pretrain.__main__ import main
+
+    assert main(["--print_config", "--model.name", "debug", "--train.max_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "name: debug" in out and "max_steps: 3" in out

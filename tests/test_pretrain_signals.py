@@ -1,0 +1,80 @@
+"""Stopping: a NaN loss stops the run without saving (the last good checkpoint stays the newest);
+SIGUSR1 saves at the end of the current step and exits 0, SIGTERM likewise with exit 143."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from checkpoints_util.save import latest_checkpoint, list_checkpoints, read_trainer_state
+from pretrain.loop import NonFiniteLossError, fit
+from test_pretrain_util import cli_args, popen_pretrain, prepare_small, read_until, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_nan_loss_stops_without_saving(data_dir, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_config(data_dir, out, train__max_steps=2, checkpoint__interval=2))  # a good checkpoint at 2
+    good = out / "step-00000002"
+    before = _digest(good)
+    cfg = tiny_config(data_dir, out, train__max_steps=6, checkpoint__interval=1, debug__nan_at_step=4)
+    with pytest.raises(NonFiniteLossError) as err:
+        fit(cfg)
+    msg = str(err.value)
+    assert "non-finite training loss at step 4" in msg and "step-00000003" in msg
+    # step 3 was good and saved; nothing after it; no partial folder; step 2 untouched
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000003"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert _digest(good) == before
+    weights = torch.load(out / "step-00000003" / "model.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    # the CLI reports it and exits 1
+    from pretrain.__main__ import main
+
+    assert main(cli_args(cfg)) == 1
+    assert latest_checkpoint(out).name == "step-00000003"
+
+
+def test_huge_learning_rate_is_caught(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tmp_path / "run", optimizer__name="adamw", optimizer__lr=1e30,
+                      optimizer__min_lr=1e30, optimizer__warmup_steps=0, optimizer__grad_clip=0.0,
+                      train__max_steps=20, checkpoint__interval=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss at step"):
+        fit(cfg)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGUSR1, 0), (signal.SIGTERM, 143)])
+def test_signal_saves_after_current_step_and_exits(data_dir, tmp_path, signum, code):
+    cfg = tiny_config(data_dir, tmp_path / "run", train__max_steps=400, checkpoint__interval=0, eval__interval=0)
+    proc = popen_pretrain(cli_args(cfg))
+    lines: list[str] = []
+    try:
+        assert read_until(proc, "step      3/400", lines), "".join(lines)
+        os.kill(proc.pid, signum)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == code, out
+    last = latest_checkpoint(tmp_path / "run")
+    assert last is not None, out
+    state = read_trainer_state(last)
+    assert 3 <= state["step"] < 400 and state["reason"] == "signal"
+    logged = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert max(logged) == state["step"]  # saved right after the step during which the signal came
+    assert f"stopped by {signal.Signals(signum).name} after step {state['step']}" in out
