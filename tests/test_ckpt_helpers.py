@@ -95,7 +95,11 @@ def save_sharded_single_process(out_dir: Path, step: int, model, optimizer, toke
 
     path = Path(out_dir) / f"step-{step:08d}"
     path.mkdir(parents=True)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=str(path / "model"), no_dist=True)
+    import warnings
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(path / "model"), no_dist=True)
     if optimizer is not None:
         from optim.layout import model_layout
 

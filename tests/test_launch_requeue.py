@@ -126,6 +126,26 @@ def test_usr1_checkpoint_requeue_resume_equals_straight_run(data_dir, tmp_path, 
     assert_same_tensors(load_tensors(final / "model.pt"), load_tensors(straight_final / "model.pt"), "model")
     assert_same_tensors(load_tensors(final / "optimizer.pt"), load_tensors(straight_final / "optimizer.pt"), "optimizer")
 
+    # and the run exports: inspect sees the final step, transformers computes what litgpt computes
+    import torch
+    from litgpt.model import GPT
+    from transformers import LlamaForCausalLM
+
+    from checkpoints_util.__main__ import main as ckpt_main
+    from checkpoints_util.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(run)
+    assert (info["step"], info["tokens_seen"], info["optimizer"]["kind"]) == (STEPS, STEPS * TOKENS_PER_STEP, "adam_mini")
+    assert ckpt_main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"), "--quiet"]) == 0
+    import models
+
+    gpt = GPT(models.get_config("debug"))
+    gpt.load_state_dict(load_tensors(final / "model.pt")["model"])
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (gpt.eval()(x) - hf(x).logits).abs().max().item() <= 1e-4
+
 
 def test_sigterm_saves_but_does_not_requeue(data_dir, tmp_path, slurm_env):
     """scancel / preemption: Slurm sends SIGTERM to every process of the job at once (here: the process
