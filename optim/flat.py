@@ -205,6 +205,14 @@ def fsdp1_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
     return units, shapes_out
 
 
+def unit_param_numels(unit: Unit) -> list[int]:
+    """Element counts of `unit.names` for a unit built by `fsdp1_units` (from the FlatParameter's `_numels`)."""
+    numels = [int(n) for n in _field(unit.param, "_numels", f"FSDP1 unit {unit.label!r}")]
+    if len(numels) != len(unit.names):
+        raise RuntimeError(f"optim.flat: unit {unit.label!r} has {len(unit.names)} names but {len(numels)} _numels")
+    return numels
+
+
 def _check_disjoint(segments: Iterable, what: str) -> None:
     spans = sorted((s.offset, s.offset + s.end - s.start, s.name) for s in segments)
     for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):

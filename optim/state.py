@@ -7,7 +7,7 @@ name-keyed form that does not depend on the sharding:
     {"exp_avg":    {name: 1-D fp32, numel(name) elements, the parameter's flattened first moment},
      "exp_avg_sq": {name: 1-D fp32, one entry per Adam-mini block of the parameter},
      "step":       {name: fp32 scalar},
-     "hparams":    float64 [lr, beta1, beta2, eps, weight_decay]}
+     "hparams":    {"lr", "beta1", "beta2", "eps", "weight_decay": 0-d float64}}
 
 - `sharded_state_dict(opt)`: for `torch.distributed.checkpoint` (DCP). Under FSDP each rank holds
   pieces `[start, end)` of a parameter's flattened first moment (the unit's segments); `exp_avg[name]`
@@ -31,12 +31,16 @@ directly (`save_optimizer`, e.g. into `<ckpt>/optimizer/`), not through `fabric.
 the optimizer object itself to `fabric.save` under FSDP (FSDP.optim_state_dict cannot handle a
 per-block v).
 
-Limitation: replicated shards across ranks that also shard (HSDP) are refused in
-`sharded_state_dict`; plain replication (DDP) is fine.
+Limitations: replicated shards across ranks that also shard (HSDP) are refused in
+`sharded_state_dict`; plain replication (DDP) is fine. `ShardedTensor` is deprecated in favour of
+DTensor (FutureWarning in torch 2.13, still fully supported by DCP there); DTensor cannot express
+FSDP1's irregular flat pieces, so a replacement would be DCP's `__create_write_items__` protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,30 +55,54 @@ from optim.units import local_1d
 # What every name maps to inside the optimizer
 # --------------------------------------------------------------------------------------------------
 
-def _layouts(optimizer, layouts):
+def _name_sizes(optimizer, layouts) -> list[list[tuple[str, int, int]]]:
+    """Per unit, ``(name, n_blocks, numel)`` of each of its parameters, in `unit.names` order.
+
+    From `layouts` (or `optimizer.layouts`) when given; otherwise from the optimizer's own plans: a
+    unit's block runs are its parameters' runs concatenated, so they split greedily by each
+    parameter's element count, which is the whole run sum for a one-parameter unit and, for an FSDP1
+    FlatParameter unit, comes from `optim.flat.unit_param_numels`.
+    """
     layouts = layouts if layouts is not None else getattr(optimizer, "layouts", None)
-    if layouts is None:
-        raise ValueError("optim.state needs the optimizer's block layouts: pass layouts=, or use an AdamMini that "
-                         "keeps `self.layouts`")
-    return layouts
+    out = []
+    for unit, plan in zip(optimizer.units, optimizer.plans):
+        if layouts is not None:
+            out.append([(n, layouts[n].n_blocks, layouts[n].numel) for n in unit.names])
+            continue
+        if len(unit.names) == 1:
+            numels = [sum(n * b for n, b in plan.block_runs)]
+        else:
+            from optim.flat import unit_param_numels
+            numels = unit_param_numels(unit)
+        sizes, runs = [], list(plan.block_runs)
+        for name, numel in zip(unit.names, numels):
+            blocks = covered = 0
+            while covered < numel and runs:
+                n, b = runs.pop(0)
+                blocks, covered = blocks + n, covered + n * b
+            if covered != numel:
+                raise RuntimeError(f"unit {unit.label!r}: cannot split its block runs at parameter {name!r}")
+            sizes.append((name, blocks, numel))
+        if runs:
+            raise RuntimeError(f"unit {unit.label!r}: block runs left over after its parameters")
+        out.append(sizes)
+    return out
 
 
 def _entries(optimizer, layouts=None) -> list[dict]:
     """Per parameter name: its unit index, block range in the unit's vector, numel and local segments."""
-    layouts = _layouts(optimizer, layouts)
     out = []
-    for i, unit in enumerate(optimizer.units):
+    for i, (unit, sizes) in enumerate(zip(optimizer.units, _name_sizes(optimizer, layouts))):
         base = 0
         segs: dict[str, list] = {}
         for s in unit.segments:
             if s.end > s.start:
                 segs.setdefault(s.name, []).append(s)
-        for name in unit.names:
-            lay = layouts[name]
-            out.append(dict(name=name, unit=i, blocks=(base, base + lay.n_blocks), numel=lay.numel,
+        for name, n_blocks, numel in sizes:
+            out.append(dict(name=name, unit=i, blocks=(base, base + n_blocks), numel=numel,
                             segments=sorted(segs.get(name, []), key=lambda s: s.start),
                             sharded=unit.group is not None))
-            base += lay.n_blocks
+            base += n_blocks
     names = [e["name"] for e in out]
     if len(set(names)) != len(names):
         raise ValueError("a parameter name appears in two units")
@@ -91,22 +119,24 @@ def _state(optimizer, i: int) -> dict:
     return state
 
 
-def _hparams(optimizer) -> torch.Tensor:
-    """`[lr, beta1, beta2, eps, weight_decay]` of the first param group, float64.
+def _hparams(optimizer) -> dict[str, torch.Tensor]:
+    """`{lr, beta1, beta2, eps, weight_decay}` of the first param group, as 0-d float64 tensors.
 
-    A tensor, not a dict of floats. On a rank that holds no piece of some parameter, DCP drops that
-    ShardedTensor from its flattened state dict; the load planner (torch 2.13) takes the checkpoint
-    keys it then misses for a pre-2.4 checkpoint and re-flattens with the 2.3 rules, under which a
-    dict of plain scalars is one leaf: loading failed with "Missing key ... optimizer.hparams".
+    Tensors, not floats: on a rank that holds no piece of some parameter, DCP drops that
+    ShardedTensor from its flattened state dict; the load planner (torch 2.13) then takes the
+    checkpoint keys it misses for a pre-2.4 checkpoint and re-flattens with the 2.3 rules, under which
+    a dict of plain scalars is a single leaf: loading failed with "Missing key ... optimizer.hparams".
+    A dict holding tensors is traversed the same way by both rules.
     """
     g = optimizer.param_groups[0]
-    return torch.tensor([g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]], dtype=torch.float64)
+    values = dict(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"])
+    return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in values.items()}
 
 
-def _set_hparams(optimizer, hp) -> None:
-    lr, b1, b2, eps, wd = (float(x) for x in torch.as_tensor(hp, dtype=torch.float64).reshape(-1).tolist())
+def _set_hparams(optimizer, hp: Mapping[str, Any]) -> None:
+    v = {k: float(torch.as_tensor(x).item()) for k, x in hp.items()}
     for group in optimizer.param_groups:
-        group.update(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+        group.update(lr=v["lr"], betas=(v["beta1"], v["beta2"]), eps=v["eps"], weight_decay=v["weight_decay"])
 
 
 def _distributed() -> bool:
@@ -222,7 +252,7 @@ def load_sharded_state_dict(optimizer, state_dict: Mapping[str, Any], layouts: M
                                  f"({unit_steps[e['unit']]} and {t} for {name})")
         for i, t in unit_steps.items():
             _state(optimizer, i)["step"].fill_(t)
-    if load_hparams and state_dict.get("hparams") is not None:
+    if load_hparams and state_dict.get("hparams"):
         _set_hparams(optimizer, state_dict["hparams"])
 
 
@@ -317,18 +347,30 @@ class OptimizerState:
         load_sharded_state_dict(self.optimizer, state_dict, self.layouts)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence two known, harmless DCP warnings: ShardedTensor's deprecation notice (torch 2.13 still
+    supports it in DCP) and the single-process notice when we ask for no_dist ourselves."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+        yield
+
+
 def save_optimizer(optimizer, path, layouts: Mapping | None = None) -> None:
-    """Write the name-keyed state with DCP into directory `path` (every rank calls it)."""
+    """Write the name-keyed state with DCP into directory `path` (every rank calls it; collective)."""
     import torch.distributed.checkpoint as dcp
-    dcp.save({"optimizer": sharded_state_dict(optimizer, layouts)}, checkpoint_id=str(path),
-             no_dist=not _distributed())
+    with _quiet():
+        dcp.save({"optimizer": sharded_state_dict(optimizer, layouts)}, checkpoint_id=str(path),
+                 no_dist=not _distributed())
 
 
 def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams: bool = True) -> None:
     """Read a checkpoint written by `save_optimizer` (any world size, any sharding) into `optimizer`."""
     import torch.distributed.checkpoint as dcp
-    sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
-    dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
+    with _quiet():
+        sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
     load_sharded_state_dict(optimizer, sd["optimizer"], layouts, load_hparams=load_hparams)
 
 

@@ -16,7 +16,7 @@ import models
 from optim.adam_mini import AdamMini
 from optim.build import build_optimizer, model_units
 from optim.layout import model_layout
-from optim.state import full_state_dict, load_optimizer, save_optimizer
+from optim.state import _name_sizes, full_state_dict, load_optimizer, save_optimizer
 from optim.units import canonical_name, local_1d, units_from_module
 
 # The `debug` model with a small MLP: its FSDP1 Block units are cut inside a K group at W=3 and inside
@@ -103,6 +103,15 @@ def wrap_fsdp2(model, world):
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+class FabricLike(torch.nn.Module):
+    """Registers the wrapped model twice, as Lightning's _FabricModule does."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._forward_module = model
+        self._original_module = model
 
 
 def full_params(model, kind) -> dict[str, torch.Tensor]:
@@ -208,7 +217,7 @@ def reference_synthetic(wd: float, steps: int = STEPS):
         for n, p in model.named_parameters():
             p.grad = synthetic_grad(n, p.shape, t)
         opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt, layouts)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt)
 
 
 def reference_resume(wd: float, world1: int, world2: int, steps1: int = 5, steps2: int = 5):
@@ -264,6 +273,11 @@ def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
     kind, wd, flags = task["kind"], task["wd"], task.get("flags", ())
     model, opt, units, layouts = build(kind, world, wd, drop_groups="nogroup" in flags)
     geo = describe_units(units, layouts, rank, world)
+    # optim.state finds each parameter's blocks and size from the optimizer alone (no layouts passed)
+    if kind == "fsdp1":  # names are the same seen through a Fabric-like wrapper (`_forward_module`)
+        from optim.flat import fsdp1_units
+        assert [u.names for u in fsdp1_units(FabricLike(model))[0]] == [u.names for u in units]
+    assert _name_sizes(opt, None) == _name_sizes(opt, layouts), "optim.state's derived sizes differ from the layouts"
     shapes = {n: lay.shape for n, lay in layouts.items()}
     for t in range(STEPS):
         opt.zero_grad(set_to_none=True)
@@ -273,7 +287,7 @@ def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
         opt.step()
     got = full_params(model, kind)
     # (the negative control dropped the groups, so its pieces cannot be gathered by full_state_dict)
-    got_state = None if "nogroup" in flags else full_state_dict(opt, layouts)
+    got_state = None if "nogroup" in flags else full_state_dict(opt)
     geos = [None] * world
     dist.all_gather_object(geos, geo)
     if rank != 0:
@@ -289,7 +303,7 @@ def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
 def reference_full(wd: float, world: int):
     model, opt, layouts = reference_model(wd)
     train_reference(model, opt, STEPS, world)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt, layouts)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt)
 
 
 def task_save(task: dict, rank: int, world: int) -> dict | None:
@@ -301,7 +315,7 @@ def task_save(task: dict, rank: int, world: int) -> dict | None:
     else:
         train(model, opt, 5, rank, world)
     params = full_params(model, kind)
-    save_optimizer(opt, os.path.join(path, "optimizer"), layouts)
+    save_optimizer(opt, os.path.join(path, "optimizer"))
     if rank == 0:
         torch.save(dict(params=params, world=world, wd=wd), os.path.join(path, "model.pt"))
     if world > 1:
@@ -315,7 +329,7 @@ def task_load(task: dict, rank: int, world: int) -> dict | None:
     saved = torch.load(os.path.join(path, "model.pt"), weights_only=False)
     # built with a different weight decay on purpose: load_optimizer must restore the saved hparams
     model, opt, units, layouts = build(kind, world, 0.5, init=saved["params"])
-    load_optimizer(opt, os.path.join(path, "optimizer"), layouts)
+    load_optimizer(opt, os.path.join(path, "optimizer"))
     assert opt.param_groups[0]["weight_decay"] == saved["wd"], "hparams not restored"
     if kind == "plain":
         train_reference(model, opt, 5, world, first=5)
