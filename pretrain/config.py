@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = _opt("data/prepared/sample", "folder of prepared shards (`python -m data.prepare` output)")
+    dir: str = _opt("out/data/sample", "folder of prepared shards (`python -m data.prepare` output)")
     seq_len: int = _opt(256, "tokens per training sequence (the model sees seq_len inputs, predicts seq_len targets)")
     num_workers: int = _opt(0, "DataLoader worker processes per rank")
 
@@ -315,10 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         if not help_text:
             raise TypeError(f"config option {key} has no help text")
         choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-        default = list(obj) if isinstance(obj, tuple) else obj
+        default = yaml.safe_dump(list(obj) if isinstance(obj, tuple) else obj, default_flow_style=True)
+        default = default.strip().removesuffix("...").strip()
         groups[section].add_argument(
             f"--{key}", dest=key, metavar=_metavar(hint), choices=choices,
-            help=f"{help_text} (default: {default!r})".replace("%", "%%"))
+            help=f"{help_text} (default: {default})".replace("%", "%%"))
     return parser
 
 

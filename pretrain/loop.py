@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,10 +222,12 @@ def fit(cfg: PretrainConfig) -> Result:
             loss = accumulate_gradients(fabric, model, micro, nan=cfg.debug.nan_at_step == step + 1)
             grad_norm = fabric.clip_gradients(model, optimizer, max_norm=o.grad_clip or math.inf,
                                               error_if_nonfinite=False)
-            # One small all-reduce per step: the global mean loss and the stop request, agreed by all ranks.
-            agreed = fabric.all_reduce(torch.stack([loss.float(), grad_norm.float().to(loss.device),
-                                                    torch.tensor(float(stop.requested or cfg.debug.stop_at_step == step + 1),
-                                                                 device=loss.device)]),
+            # One small all-reduce per step: the global mean loss and grad norm, and which stop signals
+            # any rank has received (so that all ranks stop after the same step, with the same exit code).
+            usr1 = stop.signum == signal.SIGUSR1 or cfg.debug.stop_at_step == step + 1
+            term = stop.signum == signal.SIGTERM
+            agreed = fabric.all_reduce(torch.tensor([float(loss), float(grad_norm), float(usr1), float(term)],
+                                                    device=fabric.device, dtype=torch.float64),
                                        reduce_op="sum").tolist()
             loss_v, norm_v = agreed[0] / world, agreed[1] / world
             if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
@@ -240,7 +243,8 @@ def fit(cfg: PretrainConfig) -> Result:
             thr.end_step(steps.tokens_per_step)
             result.losses[step] = loss_v
             window_losses.append(loss_v)
-            stop_now = agreed[2] > 0
+            stop_now = agreed[2] > 0 or agreed[3] > 0
+            stop_signal = signal.SIGTERM if agreed[3] > 0 else signal.SIGUSR1
 
             if step % cfg.logging.interval == 0 or step == steps.total or stop_now:
                 tps, sps = thr.report()
@@ -282,14 +286,9 @@ def fit(cfg: PretrainConfig) -> Result:
                 break
 
     result.step, result.tokens_seen = step, tokens_seen
-    if stop.requested or stop_now:
-        import signal as _signal
-
-        signum = stop.signum
-        if signum is None:  # another rank got the signal: behave as it will
-            signum = _signal.SIGUSR1
-        result.stopped_by = _signal.Signals(signum).name
-        result.exit_code = 0 if signum == _signal.SIGUSR1 else 128 + int(signum)
+    if stop_now:
+        result.stopped_by = signal.Signals(stop_signal).name
+        result.exit_code = 0 if stop_signal == signal.SIGUSR1 else 128 + int(stop_signal)
         fabric.print(f"stopped by {result.stopped_by} after step {step}; checkpoint {result.last_checkpoint}")
     else:
         fabric.print(f"done: {step} steps, {tokens_seen:,} tokens, {metrics.duration(thr.total_seconds)} training "

@@ -1,10 +1,12 @@
 """Graceful stop on SIGUSR1 / SIGTERM: finish the current step, save a checkpoint, exit.
 
-Exit codes (see `exit_code`): SIGUSR1 -> 0, for SLURM requeue flows (`#SBATCH --signal=USR1@120` and a
+The training loop all-reduces which signals any rank received, so every rank stops after the same step.
+Exit codes (pretrain.loop): SIGUSR1 -> 0, for SLURM requeue flows (`#SBATCH --signal=USR1@120` and a
 requeue in the batch script; the job is not "failed"); SIGTERM -> 143 (128 + 15), the conventional
 "terminated" status, so a scheduler or `fabric run` does not take the run for finished. Either way the
-checkpoint is complete before the process exits. A second identical signal while stopping restores the
-default action (SIGTERM kills at once, SIGUSR1 too), an escape hatch for a hung save.
+checkpoint is complete before the process exits. If ranks received different signals, SIGTERM's exit
+code wins. A second signal (either kind) to a process that is already stopping gets the default action
+(the process dies at once): an escape hatch for a hung save; the previous checkpoint stays valid.
 """
 from __future__ import annotations
 
@@ -33,9 +35,6 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-    def exit_code(self) -> int:
-        return 0 if self.signum in (None, signal.SIGUSR1) else 128 + int(self.signum)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

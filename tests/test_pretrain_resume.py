@@ -91,3 +91,25 @@ def test_keep_last_partial_folders_and_resume_none(data_dir, tmp_path):
     assert again.step == 6 and again.losses == {}
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         fit(tiny_config(data_dir, out, resume="none"))
+
+
+def test_ddp_two_ranks_stop_and_resume(data_dir, tmp_path):
+    """CPU DDP (gloo, 2 processes): per-rank loader and RNG states; the resumed run ends bitwise equal."""
+    common = dict(system__devices=2, system__strategy="ddp", train__global_batch_tokens=256, eval__batches=1)
+    outs = []
+    for name, extra in (("straight", {}), ("split", {"debug__stop_at_step": 3}), ("split", {})):
+        cfg = tiny_config(data_dir, tmp_path / name, **common, **extra)
+        proc = popen_pretrain(cli_args(cfg))
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+        outs.append(out)
+    assert "ddp x 2 cpu" in outs[0] and "resumed from" in outs[2]
+    assert sorted(p.name for p in (tmp_path / "split" / "step-00000003").glob("rank-*.pt")) == \
+        ["rank-00000.pt", "rank-00001.pt"]
+    model_a, opt_a = final_state(tmp_path / "straight", 6)
+    model_b, opt_b = final_state(tmp_path / "split", 6)
+    assert_same_tensors(model_a, model_b, "model")
+    assert_same_tensors(opt_a, opt_b, "optimizer")
+    log = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (d / "train_log.jsonl").read_text().splitlines())
+                     if "loss" in r}
+    assert log(tmp_path / "split") == log(tmp_path / "straight") and len(log(tmp_path / "straight")) == 6
