@@ -1,0 +1,140 @@
+"""optim/state.py in one process: the name-keyed format, DCP round trips, Stateful use, errors.
+
+The multi-rank cases (FSDP1/FSDP2 pieces as ShardedTensors, resharding 2 -> 1, 3, 4 ranks, DDP <->
+FSDP) are in tests/test_optim_fsdp.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from optim.adam_mini import AdamMini
+from optim.layout import model_layout
+from optim.state import (OptimizerState, full_state_dict, load_optimizer, load_sharded_state_dict, save_optimizer,
+                         sharded_state_dict)
+from optim.units import units_from_module
+
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def _setup(seed=0, **hp):
+    torch.manual_seed(seed)
+    config = models.get_config("debug")
+    model = models.build_model(config, device="cpu")
+    models.init_model(model, config.n_layer, config.n_embd)
+    layouts = model_layout(config, [(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    opt = AdamMini(units_from_module(model), layouts, fast=False, **{**HP, **hp})
+    return model, opt, layouts
+
+
+def _steps(model, opt, steps, first=0):
+    for t in range(first, first + steps):
+        g = torch.Generator().manual_seed(100 + t)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        opt.step()
+
+
+def _assert_same(a: dict, b: dict):
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert a[key].keys() == b[key].keys()
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), (key, n)
+
+
+def test_format_is_keyed_by_original_names_with_block_vectors():
+    model, opt, layouts = _setup()
+    _steps(model, opt, 2)
+    full = full_state_dict(opt)
+    assert set(full["exp_avg"]) == set(layouts) == {n for n, _ in model.named_parameters()}
+    for n, lay in layouts.items():
+        assert full["exp_avg"][n].shape == (lay.numel,)
+        assert full["exp_avg_sq"][n].shape == (lay.n_blocks,)
+        assert float(full["step"][n]) == 2.0
+        # the unsharded optimizer's state, by name
+        st = opt.state[dict(model.named_parameters())[n]]
+        assert torch.equal(full["exp_avg"][n], st["exp_avg"]) and torch.equal(full["exp_avg_sq"][n], st["exp_avg_sq"])
+    assert float(full["hparams"]["beta2"]) == 0.95 and float(full["hparams"]["weight_decay"]) == 0.1
+
+
+def test_derived_sizes_need_no_layouts():
+    model, opt, layouts = _setup()
+    _steps(model, opt, 1)
+    _assert_same(full_state_dict(opt), full_state_dict(opt, layouts))
+
+
+def test_dcp_round_trip_continues_bit_exactly(tmp_path):
+    model_a, opt_a, _ = _setup()
+    _steps(model_a, opt_a, 3)
+    save_optimizer(opt_a, tmp_path / "opt")
+    model_b, opt_b, _ = _setup(lr=0.5, weight_decay=0.0)  # wrong hparams on purpose
+    with torch.no_grad():
+        for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+            pb.copy_(pa)
+    load_optimizer(opt_b, tmp_path / "opt")
+    assert opt_b.param_groups[0]["lr"] == 1e-2 and opt_b.param_groups[0]["weight_decay"] == 0.1
+    _assert_same(full_state_dict(opt_a), full_state_dict(opt_b))
+    _steps(model_a, opt_a, 2, first=3)
+    _steps(model_b, opt_b, 2, first=3)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.filterwarnings("ignore:.*single process:UserWarning")
+def test_stateful_inside_a_dcp_dict(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    model_a, opt_a, _ = _setup()
+    _steps(model_a, opt_a, 2)
+    dcp.save({"optimizer": OptimizerState(opt_a), "extra": torch.arange(3)}, checkpoint_id=str(tmp_path / "c"))
+    _, opt_b, _ = _setup()
+    extra = torch.zeros(3, dtype=torch.long)
+    dcp.load({"optimizer": OptimizerState(opt_b), "extra": extra}, checkpoint_id=str(tmp_path / "c"))
+    assert torch.equal(extra, torch.arange(3))
+    _assert_same(full_state_dict(opt_a), full_state_dict(opt_b))
+
+
+def test_load_from_full_state_dict_and_shaped_tensors():
+    model_a, opt_a, layouts = _setup()
+    _steps(model_a, opt_a, 2)
+    full = full_state_dict(opt_a)
+    # parameter-shaped exp_avg (as a consolidated checkpoint may store it) loads too
+    shaped = {**full, "exp_avg": {n: t.reshape(layouts[n].shape) for n, t in full["exp_avg"].items()}}
+    _, opt_b, _ = _setup()
+    load_sharded_state_dict(opt_b, shaped)
+    _assert_same(full, full_state_dict(opt_b))
+
+
+def test_sharded_state_dict_aliases_the_state():
+    model, opt, _ = _setup()
+    _steps(model, opt, 1)
+    sd = sharded_state_dict(opt)
+    name, p = next(iter(model.named_parameters()))
+    assert sd["exp_avg"][name].data_ptr() == opt.state[p]["exp_avg"].data_ptr()
+    assert sd["exp_avg_sq"][name].data_ptr() == opt.state[p]["exp_avg_sq"].data_ptr()
+
+
+def test_errors_name_the_problem():
+    model, opt, layouts = _setup()
+    _steps(model, opt, 1)
+    full = full_state_dict(opt)
+    name = "transformer.h.0.attn.qkv.weight"
+    missing = {k: ({n: t for n, t in v.items() if n != name} if k != "hparams" else v) for k, v in full.items()}
+    with pytest.raises(KeyError, match="missing"):
+        load_sharded_state_dict(opt, missing)
+    bad_v = {**full, "exp_avg_sq": {**full["exp_avg_sq"], name: torch.zeros(3)}}
+    with pytest.raises(ValueError, match=f"{name}: exp_avg_sq has 3 entries"):
+        load_sharded_state_dict(opt, bad_v)
+    bad_m = {**full, "exp_avg": {**full["exp_avg"], name: torch.zeros(5)}}
+    with pytest.raises(ValueError, match=f"{name}: exp_avg has 5 elements"):
+        load_sharded_state_dict(opt, bad_m)
+
+
+def test_before_the_first_step_state_is_zero_and_loadable(tmp_path):
+    _, opt, _ = _setup()
+    full = full_state_dict(opt)  # creates the (zero) state
+    assert all(float(t) == 0.0 for t in full["step"].values())
+    save_optimizer(opt, tmp_path / "o")
+    _, opt_b, _ = _setup()
+    load_optimizer(opt_b, tmp_path / "o")
+    _assert_same(full, full_state_dict(opt_b))
