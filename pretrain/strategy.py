@@ -57,12 +57,13 @@ def plan(cfg: PretrainConfig) -> Plan:
 
 
 def fsdp_param_init_fn(module: torch.nn.Module, n_layer: int, n_embd: int) -> None:
-    """FSDP `param_init_fn`: materialise one module's own tensors on this GPU and initialise them.
+    """FSDP `param_init_fn`: materialise one module's own tensors on this GPU (CPU in tests) and initialise them.
 
     FSDP calls it for every module of a unit that still has meta tensors, before sharding. The root
     GPT's own tensors are the RoPE cos/sin buffers, recomputed by `GPT.reset_parameters`.
     """
-    module.to_empty(device=torch.device("cuda", torch.cuda.current_device()), recurse=False)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    module.to_empty(device=device, recurse=False)
     models.init_weights(module, n_layer, n_embd)
     if isinstance(module, GPT):
         module.reset_parameters()
