@@ -212,16 +212,25 @@ class Checkpoint:
         if self.optimizer_path is None or not self.optimizer_path.exists():
             return None
         if self.optimizer_path.is_dir():
-            md = _dcp_metadata(self.optimizer_path)
-            total = 0
-            for key, meta in md.state_dict_metadata.items():
-                if hasattr(meta, "size") and ".hparams" not in key:  # hyper-parameters are not state
-                    total += _numel(meta.size) * _itemsize(meta.properties.dtype)
-            return total
+            return sum(_numel(meta.size) * _itemsize(meta.properties.dtype)
+                       for _, meta in self._optimizer_dcp_items())
         saved = _torch_load(self.optimizer_path, "optimizer state")
         state = saved.get("state_dict", {}).get("state", {}) if isinstance(saved, dict) else {}
         return sum(v.numel() * v.element_size() for s in state.values() for v in s.values()
                    if isinstance(v, torch.Tensor))
+
+    def _optimizer_dcp_items(self) -> list[tuple[str, Any]]:
+        """(DCP key, tensor metadata) of the optimizer state tensors in a DCP folder.
+
+        `optimizer/` (Adam-mini, optim/state.py) holds only optimizer keys; FSDP + AdamW checkpoints keep
+        the optimizer inside `model/` (Fabric's sharded save of {"model", "optimizer"}), under
+        `optimizer.*` keys. Hyper-parameters are not counted as state.
+        """
+        md = _dcp_metadata(self.optimizer_path)
+        shared = self.optimizer_path == self.model_path
+        return [(key, meta) for key, meta in md.state_dict_metadata.items()
+                if hasattr(meta, "size") and (not shared or key.startswith("optimizer."))
+                and ".hparams" not in key and ".param_groups." not in key]
 
     def load_optimizer_by_name(self) -> dict[str, Any]:
         """Optimizer state keyed by litgpt parameter name.
@@ -236,9 +245,21 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: has no optimizer state ({self.trainer.get('optimizer_file')!r} missing)")
         kind = self.optimizer_kind()
         if self.optimizer_path.is_dir():
-            _dcp_metadata(self.optimizer_path)
-            tree = _dcp_load(self.optimizer_path, None)
+            md = _dcp_metadata(self.optimizer_path)
+            if self.optimizer_path == self.model_path:  # FSDP + AdamW: only the optimizer.* keys
+                keys = {k for k in md.state_dict_metadata if k.startswith("optimizer.")}
+                if not keys:
+                    raise CheckpointError(f"{self.optimizer_path}: holds no optimizer state (no 'optimizer.*' keys)")
+                tree = _dcp_load(self.optimizer_path, keys)
+            else:
+                tree = _dcp_load(self.optimizer_path, None)
             named = tree.get("optimizer", tree)
+            if isinstance(named, dict) and isinstance(named.get("state"), dict):
+                # FSDP.optim_state_dict (AdamW): {"state": {name: {key: tensor}}, "param_groups": [...]}
+                by_name = {strip_wrappers(n): dict(v) for n, v in named["state"].items()}
+                groups = [{k: v for k, v in g.items() if k != "params"} for g in named.get("param_groups", [])
+                          if isinstance(g, dict)]
+                return {"kind": kind, "format": "by_name", "param_groups": groups, "state": by_name}
             if isinstance(named, dict) and isinstance(named.get("exp_avg"), dict):
                 # optim/state.py: {"exp_avg": {name: 1-D}, "exp_avg_sq": {name: blocks}, "step": {name}, "hparams"}
                 shapes = expected_shapes(self.model_config)
