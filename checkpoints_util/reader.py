@@ -270,8 +270,11 @@ class Checkpoint:
                         if key == "exp_avg" and name in shapes and value.numel() == _numel(shapes[name]):
                             value = value.reshape(shapes[name])
                         by_name.setdefault(name, {})[key] = value
-                return {"kind": kind, "format": "by_name", "param_groups": [named.get("hparams", {})],
-                        "state": by_name}
+                hp = named.get("hparams", {})
+                if isinstance(hp, torch.Tensor) or not isinstance(hp, dict):
+                    hp = {"hparams": hp}
+                hp = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in hp.items()}
+                return {"kind": kind, "format": "by_name", "param_groups": [hp], "state": by_name}
             return {"kind": kind, "format": "dcp", "state": tree}
         saved = _torch_load(self.optimizer_path, "optimizer state")
         try:

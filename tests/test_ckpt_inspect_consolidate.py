@@ -115,5 +115,6 @@ def test_consolidate_with_optimizer_by_name_agrees_across_layouts(plain_ckpt, dc
             assert torch.equal(sa[name][key], sb[name][key]), (name, key)
         assert float(sa[name]["step"]) == float(sb[name]["step"]) == 2.0
     assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert b["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # optim/state.py's hparams
     assert math.isclose(float(torch.cat([v["exp_avg"].flatten() for v in sa.values()]).abs().sum()),
                         float(torch.cat([v["exp_avg"].flatten() for v in sb.values()]).abs().sum()))
