@@ -236,6 +236,9 @@ def remove_partial(out_dir: str | Path) -> list[Path]:
 def load_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     """Restore model, optimizer, this rank's loader position and RNG from `path` (collective).
 
+    state: {"model", "optimizer", "loader"} as for save_checkpoint; with "model_config" (dict), the
+    checkpoint's model_config.yaml must match it field by field.
+
     Returns trainer.json's contents. Raises CheckpointError naming the path when something does not fit.
     """
     path = Path(path)
@@ -244,6 +247,15 @@ def load_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> dict[str
         raise CheckpointError(f"{path}/trainer.json: format {trainer.get('format')!r}, this code reads {FORMAT}")
     sharded = _is_sharded(fabric)
     model, optimizer = state["model"], state["optimizer"]
+    if "model_config" in state:
+        import yaml
+
+        saved = yaml.safe_load((path / "model_config.yaml").read_text())
+        now = yaml.safe_load(yaml.safe_dump(state["model_config"]))
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise CheckpointError(f"{path}/model_config.yaml: the checkpoint's model differs from this run's in "
+                                  + ", ".join(f"{k} ({saved.get(k)!r} vs {now.get(k)!r})" for k in diff[:5]))
     expected_model = "model" if sharded else "model.pt"
     if trainer["model_file"] != expected_model:
         raise CheckpointError(
@@ -278,6 +290,9 @@ def load_checkpoint(fabric, path: str | Path, state: dict[str, Any]) -> dict[str
             f"{path}: written by {trainer['world_size']} ranks, this run has {fabric.world_size}; the data "
             f"position and RNG state are per rank, so an exact resume needs the same world size")
     per_rank = torch.load(rank_file, map_location="cpu", weights_only=True)
-    state["loader"].load_state_dict(per_rank["loader"])
+    try:
+        state["loader"].load_state_dict(per_rank["loader"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{rank_file}: the data position does not fit this run's data: {e}") from None
     set_rng_state(per_rank["rng"])
     return trainer

@@ -171,7 +171,8 @@ def fit(cfg: PretrainConfig) -> Result:
 
     step, tokens_seen = 0, 0
     if resume_path is not None:
-        trainer = ckpt.load_checkpoint(fabric, resume_path, {"model": model, "optimizer": optimizer, "loader": train})
+        trainer = ckpt.load_checkpoint(fabric, resume_path, {"model": model, "optimizer": optimizer, "loader": train,
+                                                             "model_config": dataclasses.asdict(model_config)})
         step, tokens_seen = int(trainer["step"]), int(trainer["tokens_seen"])
         fabric.print(f"resumed from {resume_path} at step {step} ({tokens_seen:,} tokens)")
     elif cfg.resume == "auto":

@@ -113,3 +113,14 @@ def test_ddp_two_ranks_stop_and_resume(data_dir, tmp_path):
     log = lambda d: {r["step"]: r["loss"] for r in map(json.loads, (d / "train_log.jsonl").read_text().splitlines())
                      if "loss" in r}
     assert log(tmp_path / "split") == log(tmp_path / "straight") and len(log(tmp_path / "straight")) == 6
+
+
+def test_resume_refuses_a_different_model_or_data_order(data_dir, tmp_path):
+    from checkpoints_util.save import CheckpointError
+
+    out = tmp_path / "run"
+    fit(tiny_config(data_dir, out, train__max_steps=3))
+    with pytest.raises(CheckpointError, match=r"model_config.yaml: .* n_layer \(2 vs 1\)"):
+        fit(tiny_config(data_dir, out, train__max_steps=6, model__overrides={"n_layer": 1}))
+    with pytest.raises(CheckpointError, match="rank-00000.pt: the data position does not fit"):
+        fit(tiny_config(data_dir, out, train__max_steps=6, seed=8))
