@@ -37,8 +37,10 @@ REPO=${AMP_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$REPO" || { echo "error: cannot cd to $REPO (set AMP_REPO)" >&2; exit 2; }
 VENV=${AMP_VENV:-$REPO/.venv}
 if [ -f "$VENV/bin/activate" ]; then
+    set +u  # activation scripts may read unset variables
     # shellcheck disable=SC1091
     source "$VENV/bin/activate"
+    set -u
 fi
 PYTHON=${AMP_PYTHON:-python}
 

@@ -64,7 +64,7 @@ def slurm_env(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LT_"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_SCONTROL_LOG=str(log), SLURM_JOB_ID="4242",
                SLURM_SUBMIT_DIR=str(REPO), SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NUM_NODES="1",
-               AMP_PYTHON=sys.executable, AMP_VENV=str(tmp_path / "no-venv"), OMP_NUM_THREADS="1")
+               AMP_PYTHON=sys.executable, AMP_VENV=str(Path(sys.executable).parent.parent), OMP_NUM_THREADS="1")
     return env, log
 
 
