@@ -2,11 +2,14 @@
 
 - `--format litgpt`: `DIR/lit_model.pth` (a plain state dict by litgpt names) + `DIR/model_config.yaml`
   (litgpt's format), loadable with `GPT(Config.from_file(DIR/"model_config.yaml")).load_state_dict(...)`
-  and by `litgpt generate/finetune --checkpoint_dir DIR` (add the tokenizer files yourself).
+  and by `litgpt generate/finetune --checkpoint_dir DIR` (with `--tokenizer`, below).
 - `--format hf`: `DIR/config.json` (LlamaForCausalLM) + `DIR/model.safetensors`, or, above
   `--max-shard-size`, `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`; loadable with
   `transformers.LlamaForCausalLM.from_pretrained(DIR)`. Written block by block: peak memory is about
   one shard, so a 13B model exports on a login node.
+
+`--tokenizer PATH|auto` adds the SentencePiece tokenizer (checked against the one the training data was
+prepared with, see checkpoints_util/tokenizer_files.py).
 
 Both validate the checkpoint against its model config first and write DIR atomically (a temporary
 folder renamed at the end), so a failure leaves no half-written export behind.
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from checkpoints_util import hf_llama
+from checkpoints_util import hf_llama, tokenizer_files
 from checkpoints_util.output import atomic_dir, check_destination, human_bytes, parse_size, progress
 from checkpoints_util.reader import Checkpoint, open_checkpoint
 
@@ -47,10 +50,11 @@ def _total_bytes(ck: Checkpoint, dtype: torch.dtype) -> int:
 
 
 def export_litgpt(checkpoint, out, dtype: torch.dtype | None = None, overwrite: bool = False,
-                  quiet: bool = True) -> Path:
+                  quiet: bool = True, tokenizer: str | None = None) -> Path:
     check_destination(out, overwrite)
     ck = open_checkpoint(checkpoint)
     ck.validate()
+    tok = tokenizer_files.resolve_tokenizer(ck, tokenizer)
     dt = _out_dtype(ck, dtype)
     sd = {}
     with progress(_total_bytes(ck, dt), f"read {ck.path.name}", quiet) as bar:
@@ -60,12 +64,14 @@ def export_litgpt(checkpoint, out, dtype: torch.dtype | None = None, overwrite: 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         torch.save(sd, tmp / "lit_model.pth")
         (tmp / "model_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(ck.model_config), sort_keys=False))
+        if tok is not None:
+            tokenizer_files.write_tokenizer_files(tmp, tok, ck.model_config.block_size)
     _done(out, ck, quiet)
     return Path(out)
 
 
 def export_hf(checkpoint, out, dtype: torch.dtype | None = None, max_shard_size: str | int = DEFAULT_MAX_SHARD,
-              overwrite: bool = False, quiet: bool = True) -> Path:
+              overwrite: bool = False, quiet: bool = True, tokenizer: str | None = None) -> Path:
     from safetensors.torch import save_file
 
     check_destination(out, overwrite)
@@ -73,6 +79,9 @@ def export_hf(checkpoint, out, dtype: torch.dtype | None = None, max_shard_size:
     ck.validate()
     dt = _out_dtype(ck, dtype)
     config = hf_llama.hf_config(ck.model_config, dt)  # refuses non-Llama configs before writing
+    tok = tokenizer_files.resolve_tokenizer(ck, tokenizer)
+    if tok is not None:
+        config.update(tokenizer_files.hf_token_ids(tok))
     limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     shards: list[list[str]] = []
     weight_bytes = 0
@@ -110,6 +119,10 @@ def export_hf(checkpoint, out, dtype: torch.dtype | None = None, max_shard_size:
                 {"metadata": {"total_size": weight_bytes}, "weight_map": dict(sorted(weight_map.items()))},
                 indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tok is not None:
+            tokenizer_files.write_tokenizer_files(tmp, tok, ck.model_config.block_size)
+            (tmp / "generation_config.json").write_text(json.dumps(
+                {**tokenizer_files.hf_token_ids(tok), "max_length": ck.model_config.block_size}, indent=2) + "\n")
     _done(out, ck, quiet)
     return Path(out)
 
@@ -126,10 +139,11 @@ def _done(out, ck: Checkpoint, quiet: bool) -> None:
 def run(args) -> int:
     dtype = DTYPES[args.dtype]
     if args.format == "litgpt":
-        export_litgpt(args.checkpoint, args.out, dtype=dtype, overwrite=args.overwrite, quiet=args.quiet)
+        export_litgpt(args.checkpoint, args.out, dtype=dtype, overwrite=args.overwrite, quiet=args.quiet,
+                      tokenizer=args.tokenizer)
     else:
         export_hf(args.checkpoint, args.out, dtype=dtype, max_shard_size=args.max_shard_size,
-                  overwrite=args.overwrite, quiet=args.quiet)
+                  overwrite=args.overwrite, quiet=args.quiet, tokenizer=args.tokenizer)
     return 0
 
 
@@ -143,6 +157,9 @@ def add_parser(sub) -> None:
                    help="cast the weights (auto = as stored; bfloat16 halves the size of an fp32 checkpoint)")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE",
                    help=f"hf only: largest safetensors file, e.g. 5GB, 500MB (default {DEFAULT_MAX_SHARD})")
+    p.add_argument("--tokenizer", metavar="PATH|auto", default=None,
+                   help="also write tokenizer.model + tokenizer_config.json (and the bos/eos ids for hf); auto = "
+                        "the tokenizer recorded in the training data's manifest; a PATH is checked against it")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)

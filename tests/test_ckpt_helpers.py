@@ -58,16 +58,18 @@ class _Loader:
         return {"epoch": 0, "position": 5}
 
 
-def train_config_dict(out_dir) -> dict:
+def train_config_dict(out_dir, data_dir=None) -> dict:
     from pretrain.config import PretrainConfig
 
     cfg = PretrainConfig()
     cfg.out_dir = str(out_dir)
     cfg.model.name = CONFIG_NAME
+    if data_dir is not None:
+        cfg.data.dir = str(data_dir)
     return cfg.to_dict()
 
 
-def save_plain(out_dir: Path, step: int, model, optimizer, tokens_seen: int) -> Path:
+def save_plain(out_dir: Path, step: int, model, optimizer, tokens_seen: int, data_dir=None) -> Path:
     """A single-device checkpoint written by the real writer (`checkpoints_util.save.save_checkpoint`)."""
     import dataclasses
 
@@ -79,7 +81,7 @@ def save_plain(out_dir: Path, step: int, model, optimizer, tokens_seen: int) -> 
     state = {"model": model, "optimizer": optimizer, "loader": _Loader(),
              "trainer": {"tokens_seen": tokens_seen, "model_name": CONFIG_NAME, "optimizer": "adam_mini",
                          "precision": "32-true", "loss": 3.25, "val_loss": 3.5, "reason": "interval"},
-             "config": train_config_dict(out_dir), "model_config": dataclasses.asdict(model_config())}
+             "config": train_config_dict(out_dir, data_dir), "model_config": dataclasses.asdict(model_config())}
     return save_checkpoint(fabric, out_dir, step, state)
 
 
