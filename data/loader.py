@@ -14,6 +14,7 @@ into a loader with another rank or worker count, or another world size with the 
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +30,7 @@ from data.windows import Schedule, num_windows, worker_steps
 
 SPLITS = ("train", "val")
 STATE_VERSION = 1
+STEP_BLOCK = 256
 
 
 class WindowDataset(IterableDataset):
@@ -38,16 +40,19 @@ class WindowDataset(IterableDataset):
         self.stream, self.seq_len, self.schedule = stream, seq_len, schedule
         self.rank, self.start_step = rank, start_step
 
-    def batch(self, step: int) -> torch.Tensor:
+    def batch(self, windows) -> torch.Tensor:
         L = self.seq_len
-        rows = [self.stream.read(int(w) * L, L + 1) for w in self.schedule.windows(step, self.rank)]
+        rows = [self.stream.read(int(w) * L, L + 1) for w in windows]
         return torch.from_numpy(np.stack(rows))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         k, K = (info.id, info.num_workers) if info is not None else (0, 1)
-        for step in worker_steps(self.start_step, k, K):
-            yield self.batch(step)
+        steps = worker_steps(self.start_step, k, K)
+        while True:  # window indices for STEP_BLOCK of this worker's steps at a time (cheap), tokens per batch
+            block = self.schedule.windows_for_steps(list(itertools.islice(steps, STEP_BLOCK)), self.rank)
+            for windows in block:
+                yield self.batch(windows)
 
 
 class TokenLoader:

@@ -53,3 +53,17 @@ def test_schedule_unshuffled_is_the_identity():
     s = Schedule(20, batch_size=2, world_size=3, seed=0, shuffle=False)
     assert s.steps_per_epoch == 3
     assert s.windows(0, 1).tolist() == [2, 3] and s.windows(4, 2).tolist() == [10, 11]
+
+
+def test_block_schedule_follows_the_documented_rule_across_epochs():
+    """rank r at global step g takes positions [(s*W + r)*B, +B) of epoch g // S's permutation."""
+    N, W, B, seed = 50, 3, 2, 4
+    s = Schedule(N, batch_size=B, world_size=W, seed=seed, shuffle=True)
+    S = N // (W * B)
+    steps = list(range(3, 3 + 5 * S))  # starts mid-epoch, crosses 4 epoch boundaries
+    for r in range(W):
+        got = s.windows_for_steps(steps, r)
+        for row, g in zip(got, steps):
+            e, k = divmod(g, S)
+            assert row.tolist() == Permutation(N, seed, e)[(k * W + r) * B:(k * W + r + 1) * B].tolist()
+        assert np.array_equal(got[0], s.windows(steps[0], r))
