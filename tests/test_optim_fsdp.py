@@ -198,13 +198,17 @@ def test_fsdp1_geometry_cuts_heads_rows_and_pads(runs):
 
 
 def test_fsdp2_geometry_cuts_heads(runs):
-    cuts = set()
+    cuts, uneven = set(), set()
     for world, name, geo in _all_geometry(runs, "fsdp2"):
         for rank_units in geo:
             for u in rank_units:
                 assert u["padding"] == 0  # the DTensor local tensor is the unpadded row range
                 cuts.update(kind for _, _, kind in u["cuts"])
+        for per_rank in zip(*geo):  # the same parameter on every rank
+            if len({u["local_numel"] for u in per_rank}) > 1:
+                uneven.add(per_rank[0]["label"])
     assert {"q_head", "k_group", "whole"} <= cuts, cuts
+    assert any("attn.qkv" in label for label in uneven), uneven  # uneven torch.chunk row shards occur
 
 
 def test_checkpoint_reshards_across_world_sizes_and_wrappers(runs):
