@@ -1,0 +1,183 @@
+"""Per-GPU memory of weights, gradients and optimizer state under FSDP, AdamW vs Adam-mini, and what fits.
+
+Setting (what `pretrain` uses on GPUs): FSDP1, FULL_SHARD, use_orig_params=False, one FSDP unit per
+litgpt `Block` plus the root unit (`lm_head`, `transformer.wte`, `transformer.ln_f`), Lightning
+`bf16-mixed` (its FSDP precision plugin sets MixedPrecision(param_dtype=reduce_dtype=bf16)).
+
+Per GPU, for every unit of N elements on W GPUs, each rank holds one chunk c = ceil(N / W) (FSDP1's
+even split, the last rank right-padded: `optim.flat.even_shard_bounds`):
+
+    weights   4·c              fp32 sharded master parameters (the FlatParameter shard)
+    grads     4·c              fp32 sharded gradients (reduce-scattered in bf16, kept in fp32)
+    AdamW     8·c + 4          exp_avg + exp_avg_sq fp32 like the shard, + a 0-d fp32 step
+    Adam-mini 4·c + 4·B + 4    exp_avg fp32 like the shard, + one fp32 v per block of the WHOLE unit
+                               (B = blocks of all the unit's parameters, `optim.layout`), replicated on
+                               every rank (not divided by W), + a 0-d fp32 step
+    transient 2·(N_root + 2·N_block) + 2·max(N_root, N_block)
+              bf16 all-gathered parameters: the root unit (FSDP1 keeps the root unsharded from forward
+              to backward), the Block being computed and the one prefetched (limit_all_gathers);
+              plus one unit's unsharded bf16 gradient before its reduce-scatter.
+
+Activation headroom (estimate, bf16, FlashAttention-style SDPA, activation checkpointing per Block,
+micro-batch b = 1, sequence s = 2048):
+
+    A = L·2·s·b·d                                  the checkpointed Block inputs
+      + 2·s·b·(24·d + 2·(n_head + 2·n_kv)·hs + 8·I) one Block recomputed in backward: activations and
+                                                    their gradients (norms keep fp32 copies: 8·d each)
+      + 10·s·b·V                                    logits bf16 + fp32 upcast + fp32 gradient
+    plus a fixed reserve of 2 GiB (CUDA context, NCCL buffers, allocator fragmentation).
+
+A configuration "fits" a card when weights + grads + optimizer state + transient + A + reserve is at
+most the card's memory (40 GiB, 80 GiB). W = 1 is counted with the same formulas (FSDP then falls back
+to NO_SHARD; the bf16 compute copies are the same size). Nothing is allocated: shapes come from the
+meta-device model. Prints a table and, last, one JSON line.
+
+    python benchmarks/memory_table.py [--seq-len 2048] [--micro-batch 1] [--reserve-gib 2]   # also writes benchmarks/results/memory_table.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+from optim.flat import even_shard_bounds  # noqa: E402
+from optim.layout import model_layout  # noqa: E402
+
+MODELS = ("tinyllama-1.1b", "llama2-7b", "llama2-13b")
+WORLD_SIZES = (1, 8, 16)
+CARDS_GIB = (40, 80)
+OPTIMIZERS = ("adamw", "adam_mini")
+LABEL = {"adamw": "AdamW", "adam_mini": "Adam-mini"}
+GIB = 2 ** 30
+STEP_BYTES = 4
+_BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
+
+
+def fsdp_units(config) -> list[dict]:
+    """FSDP units in wrapping order: `numel` and Adam-mini `blocks` of each (root unit first)."""
+    model = models.build_model(config, device="meta")
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    layouts = model_layout(config, shapes)
+    units: dict[str, dict] = {}
+    for name, _ in shapes:
+        m = _BLOCK.match(name)
+        key = f"block{m.group(1)}" if m else "root"
+        u = units.setdefault(key, {"name": key, "numel": 0, "blocks": 0, "params": []})
+        u["numel"] += layouts[name].numel
+        u["blocks"] += layouts[name].n_blocks
+        u["params"].append(name)
+    return list(units.values())
+
+
+def chunk(numel: int, world: int) -> int:
+    start, end, pad = even_shard_bounds(numel, 0, world)  # rank 0 holds a full chunk; every rank's buffer has this size
+    return end - start + pad
+
+
+def per_gpu_bytes(units: list[dict], world: int) -> dict[str, int]:
+    """Bytes one GPU holds for weights, grads, each optimizer's state and the transient bf16 buffers."""
+    c = [chunk(u["numel"], world) for u in units]
+    root = next(u["numel"] for u in units if u["name"] == "root")
+    block = max(u["numel"] for u in units if u["name"] != "root")
+    return {
+        "weights": sum(4 * x for x in c),
+        "grads": sum(4 * x for x in c),
+        "adamw": sum(8 * x + STEP_BYTES for x in c),
+        "adam_mini": sum(4 * x + 4 * u["blocks"] + STEP_BYTES for x, u in zip(c, units)),
+        "adam_mini_v": sum(4 * u["blocks"] for u in units),
+        "transient": 2 * (root + 2 * block) + 2 * max(root, block),
+    }
+
+
+def activation_bytes(config, seq_len: int, micro_batch: int) -> int:
+    s, b, d, L = seq_len, micro_batch, config.n_embd, config.n_layer
+    qkv = (config.n_head + 2 * config.n_query_groups) * config.head_size
+    checkpoints = L * 2 * s * b * d
+    one_block = 2 * s * b * (24 * d + 2 * qkv + 8 * config.intermediate_size)
+    logits = 10 * s * b * config.padded_vocab_size
+    return checkpoints + one_block + logits
+
+
+def min_gpus(units, act: int, reserve: int, card: int, opt: str, limit: int = 256) -> int | None:
+    for w in range(1, limit + 1):
+        b = per_gpu_bytes(units, w)
+        if b["weights"] + b["grads"] + b[opt] + b["transient"] + act + reserve <= card:
+            return w
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--reserve-gib", type=float, default=2.0)
+    ap.add_argument("--markdown", default=str(ROOT / "benchmarks" / "results" / "memory_table.md"),
+                    help="also write the tables and assumptions to this markdown file ('' = no file)")
+    args = ap.parse_args()
+    reserve = int(args.reserve_gib * GIB)
+
+    rows, fits = [], []
+    for name in MODELS:
+        config = models.get_config(name)
+        units = fsdp_units(config)
+        params = sum(u["numel"] for u in units)
+        act = activation_bytes(config, args.seq_len, args.micro_batch)
+        for w in WORLD_SIZES:
+            b = per_gpu_bytes(units, w)
+            for opt in OPTIMIZERS:
+                total = b["weights"] + b["grads"] + b[opt] + b["transient"]
+                need = total + act + reserve
+                rows.append(dict(model=name, params=params, world=w, optimizer=opt, weights=b["weights"],
+                                 grads=b["grads"], optimizer_state=b[opt], transient=b["transient"],
+                                 static_total=total, activations=act, reserve=reserve, need=need,
+                                 adam_mini_v=b["adam_mini_v"] if opt == "adam_mini" else 0,
+                                 **{f"fits_{c}gib": need <= c * GIB for c in CARDS_GIB}))
+        for c in CARDS_GIB:
+            fits.append(dict(model=name, card_gib=c, activations=act,
+                             **{f"min_gpus_{opt}": min_gpus(units, act, reserve, c * GIB, opt) for opt in OPTIMIZERS}))
+
+    out = []
+    out.append(f"Per-GPU memory, FSDP FULL_SHARD (use_orig_params=False, bf16-mixed), GiB. Activation headroom: "
+               f"checkpointing per Block, micro-batch {args.micro_batch} x seq {args.seq_len}, + {args.reserve_gib:g} GiB reserve.")
+    out.append("")
+    out.append("| model | GPUs | optimizer | weights fp32 | grads fp32 | optimizer state | (of which replicated v) | "
+               "bf16 transient | static total | + activations + reserve | fits 40 GiB | fits 80 GiB |")
+    out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|")
+    def v_cell(r):
+        return "—" if r["optimizer"] == "adamw" else f"{r['adam_mini_v'] / 2**20:.2f} MiB"
+
+    for r in rows:
+        g = lambda x: f"{x / GIB:.2f}"  # noqa: E731
+        out.append(f"| {r['model']} | {r['world']} | {LABEL[r['optimizer']]} | {g(r['weights'])} | {g(r['grads'])} | "
+                   f"{g(r['optimizer_state'])} | {v_cell(r)} | "
+                   f"{g(r['transient'])} | {g(r['static_total'])} | {g(r['need'])} | "
+                   f"{'yes' if r['fits_40gib'] else 'no'} | {'yes' if r['fits_80gib'] else 'no'} |")
+    out.append("")
+    out.append("Fewest GPUs that fit (same assumptions, any world size up to 256):")
+    out.append("")
+    out.append("| model | card | activations estimate | AdamW | Adam-mini |")
+    out.append("|---|---:|---:|---:|---:|")
+    for f in fits:
+        out.append(f"| {f['model']} | {f['card_gib']} GiB | {f['activations'] / GIB:.2f} GiB | "
+                   f"{f['min_gpus_adamw']} | {f['min_gpus_adam_mini']} |")
+    text = "\n".join(out)
+    print(text)
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assumptions = __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0]
+        path.write_text(f"# Memory table (`python benchmarks/memory_table.py`)\n\n{text}\n\n## Assumptions\n\n"
+                        f"```\n{assumptions}\n```\n")
+    print(json.dumps({"benchmark": "memory_table", "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                      "reserve_bytes": reserve, "rows": rows, "min_gpus": fits}))
+
+
+if __name__ == "__main__":
+    main()
