@@ -33,10 +33,11 @@ def gpt_logits(model, x):
         return model(x)
 
 
-def hf_logits(out_dir, x, dtype=torch.float32):
+def hf_logits(out_dir, x):
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
+    hf = LlamaForCausalLM.from_pretrained(out_dir).eval()  # fp32: the export's dtype and transformers' default
+    assert hf.dtype == torch.float32
     with torch.no_grad():
         return hf(x).logits
 
