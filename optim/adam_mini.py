@@ -17,8 +17,8 @@ outside the segments (FSDP padding) are never read or written.
 Two implementations of the same update:
 - eager: `torch._foreach_*` over all units for the element-wise parts, a loop over chunks (a few per
   unit) for the block-scaled step;
-- fast: one `torch.compile`d kernel per distinct unit geometry (`optim.kernels`), fusing the moment
-  update, decay and step into a single pass over the unit's memory.
+- fast: the same, except that the moment update, decay and block-scaled step run as one compiled,
+  fused pass per chunk (`optim.kernels`) instead of three eager passes.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from optim.layout import ParamLayout
 from optim.units import Unit, local_1d
 
 # Below this many local elements the default (`fast=None`) stays eager: compiling costs seconds per
-# distinct unit geometry, which only pays off for real models (tests and the `debug` model stay eager).
+# distinct chunk shape, which only pays off for real models (tests and the `debug` model stay eager).
 FAST_MIN_NUMEL = 1 << 22
 
 
@@ -157,26 +157,13 @@ class AdamMini(torch.optim.Optimizer):
             g = self.units[i].param.grad
             g = g.to_local() if hasattr(g, "to_local") else g
             grads.append(g.reshape(-1))
-        # 1. partial block sums of g^2, completed across ranks by one all-reduce per sharded unit.
-        sumsqs = [self._block_sumsq(i, g) for i, g in zip(todo, grads)]
+        steps = [float(s["step"].item()) for s in states]
+        # partial block sums of g^2, completed across ranks by one all-reduce per sharded unit
+        sumsqs = [block_sumsq_eager(self.plans[i], g) for i, g in zip(todo, grads)]
         for i, bsq in zip(todo, sumsqs):
             if self.units[i].group is not None:
                 dist.all_reduce(bsq, op=dist.ReduceOp.SUM, group=self.units[i].group)
-        steps = [float(s["step"].item()) for s in states]
-        if self.fast:
-            done = kernels.apply_units(self, group, todo, states, grads, sumsqs, steps)
-            if done:
-                return
         self._apply_eager(todo, states, grads, sumsqs, steps, lr, beta1, beta2, eps, wd)
-
-    def _block_sumsq(self, i: int, g: torch.Tensor) -> torch.Tensor:
-        """This rank's Σ g² for every block of unit i (zeros for blocks it does not hold)."""
-        plan = self.plans[i]
-        if self.fast:
-            out = kernels.block_sumsq(plan, g)
-            if out is not None:
-                return out
-        return block_sumsq_eager(plan, g)
 
     def _apply_eager(self, todo, states, grads, sumsqs, steps, lr, beta1, beta2, eps, wd) -> None:
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
@@ -193,6 +180,9 @@ class AdamMini(torch.optim.Optimizer):
         torch._foreach_reciprocal_(scales)
         torch._foreach_mul_(scales, [lr / b for b in bc1])
 
+        if self.fast:
+            self._apply_fast(todo, states, grads, scales, lr, beta1, wd)
+            return
         m_views, g_views, decay_views = [], [], []
         steps_p, steps_m, steps_s = [], [], []
         writeback = []
@@ -222,6 +212,22 @@ class AdamMini(torch.optim.Optimizer):
             p.addcmul_(m, s, value=-1.0)
         for local, work in writeback:
             local.copy_(work)
+
+    def _apply_fast(self, todo, states, grads, scales, lr, beta1, wd) -> None:
+        """m update, decay and step fused per chunk (`optim.kernels`); never touches uncovered elements."""
+        device_hp: dict[tuple, torch.Tensor] = {}
+        for i, state, g, scale in zip(todo, states, grads, scales):
+            local = local_1d(self.units[i].param.detach())
+            m = state["exp_avg"]
+            for c in self.plans[i].chunks:
+                key = (c.decay, local.device)
+                hp = device_hp.get(key)
+                if hp is None:
+                    decay = 1.0 - lr * wd if c.decay else 1.0
+                    hp = device_hp[key] = torch.tensor([beta1, decay], dtype=torch.float32, device=local.device)
+                sl = slice(c.offset, c.offset + c.numel)
+                p_c, g_c = local[sl], g[sl]
+                kernels.chunk_kernel(c.numel, c.rows, p_c, g_c)(p_c, g_c, m[sl], scale[c.block:c.block + c.rows], hp)
 
 
 def block_sumsq_eager(plan: UnitPlan, g: torch.Tensor) -> torch.Tensor:
