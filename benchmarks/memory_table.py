@@ -32,7 +32,7 @@ most the card's memory (40 GiB, 80 GiB). W = 1 is counted with the same formulas
 to NO_SHARD; the bf16 compute copies are the same size). Nothing is allocated: shapes come from the
 meta-device model. Prints a table and, last, one JSON line.
 
-    python benchmarks/memory_table.py [--seq-len 2048] [--micro-batch 1] [--reserve-gib 2]   # also writes benchmarks/results/memory_table.md
+    python benchmarks/memory_table.py --check-fsdp 3 [--seq-len 2048] [--micro-batch 1] [--reserve-gib 2]   # also writes benchmarks/results/memory_table.md
 """
 from __future__ import annotations
 
@@ -113,15 +113,86 @@ def min_gpus(units, act: int, reserve: int, card: int, opt: str, limit: int = 25
     return None
 
 
+# ------------------------------------------------------------------ cross-check against real FSDP1
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: FSDP1 (CPU, gloo) over the `debug` model; real per-rank bytes after one step of each optimizer."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from litgpt.model import Block
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from optim.build import build_optimizer, optimizer_state_bytes
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        config = models.get_config("debug")
+        got = {}
+        for opt_name in OPTIMIZERS:
+            torch.manual_seed(0)
+            model = models.build_model(config, device="cpu")
+            models.init_model(model, config.n_layer, config.n_embd)
+            model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
+                         use_orig_params=False, sharding_strategy=ShardingStrategy.FULL_SHARD)
+            opt = build_optimizer(model, config, opt_name, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+            x = torch.randint(0, config.padded_vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
+            logits = model(x[:, :-1])
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)).backward()
+            opt.step()
+            params = [p for p in model.parameters()]
+            got[opt_name] = optimizer_state_bytes(opt)
+            got["weights"] = sum(p.numel() * p.element_size() for p in params)
+            got["grads"] = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        torch.save(got, f"{out}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def check_fsdp(world: int) -> dict:
+    """Real FSDP1 per-rank bytes (debug model, CPU) against `per_gpu_bytes`; raises on a mismatch."""
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/bytes"
+        mp.spawn(_fsdp_worker, args=(world, port, out), nprocs=world, join=True)
+        real = [torch.load(f"{out}.rank{r}") for r in range(world)]
+    want = per_gpu_bytes(fsdp_units(models.get_config("debug")), world)
+    keys = ("weights", "grads", *OPTIMIZERS)
+    for r, got in enumerate(real):
+        for k in keys:
+            if got[k] != want[k]:
+                raise SystemExit(f"error: FSDP1 check, rank {r} of {world}: real {k} = {got[k]} bytes, formula {want[k]}")
+    return {"world": world, "model": "debug", "per_rank_bytes": {k: want[k] for k in keys}, "agrees": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--check-fsdp", type=int, default=0, metavar="W",
+                    help="first check the formulas against real FSDP1 on W CPU processes (debug model, gloo)")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--reserve-gib", type=float, default=2.0)
     ap.add_argument("--markdown", default=str(ROOT / "benchmarks" / "results" / "memory_table.md"),
                     help="also write the tables and assumptions to this markdown file ('' = no file)")
     args = ap.parse_args()
     reserve = int(args.reserve_gib * GIB)
+    fsdp_check = None
+    if args.check_fsdp:
+        fsdp_check = check_fsdp(args.check_fsdp)
+        print(f"FSDP1 check: real per-rank bytes of weights, grads, AdamW and Adam-mini state on {args.check_fsdp} "
+              f"CPU ranks (debug model) equal the formulas: {fsdp_check['per_rank_bytes']}")
 
     rows, fits = [], []
     for name in MODELS:
@@ -167,15 +238,21 @@ def main() -> None:
     for f in fits:
         out.append(f"| {f['model']} | {f['card_gib']} GiB | {f['activations'] / GIB:.2f} GiB | "
                    f"{f['min_gpus_adamw']} | {f['min_gpus_adam_mini']} |")
+    if fsdp_check:
+        out.append("")
+        out.append(f"Checked against real FSDP1 (CPU, gloo, `debug` model, {fsdp_check['world']} ranks, padded shards): the "
+                   f"per-rank bytes of weights, grads, AdamW and Adam-mini state equal these formulas exactly "
+                   f"({fsdp_check['per_rank_bytes']}). The bf16 transient and the activations are estimates, not measured.")
     text = "\n".join(out)
     print(text)
     if args.markdown:
         path = Path(args.markdown)
         path.parent.mkdir(parents=True, exist_ok=True)
         assumptions = __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0]
-        path.write_text(f"# Memory table (`python benchmarks/memory_table.py`)\n\n{text}\n\n## Assumptions\n\n"
+        cmd = " ".join(["python benchmarks/memory_table.py", *sys.argv[1:]])
+        path.write_text(f"# Memory table (`{cmd}`)\n\n{text}\n\n## Assumptions\n\n"
                         f"```\n{assumptions}\n```\n")
-    print(json.dumps({"benchmark": "memory_table", "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+    print(json.dumps({"benchmark": "memory_table", "fsdp_check": fsdp_check, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
                       "reserve_bytes": reserve, "rows": rows, "min_gpus": fits}))
 
 
