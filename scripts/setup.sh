@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
     echo "[setup] installing ${TORCH_SPEC:=torch==2.13.0}"
     python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-    python -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
+    python -W ignore -c "import torch" || { echo "[setup] torch failed to install" >&2; exit 1; }
 fi
 
 stamp=.venv/.project-installed
