@@ -23,6 +23,9 @@ from pretrain.schedule import lr_at, set_lr
 from pretrain.signals import StopRequest
 
 
+_HISTORY = 100_000  # newest per-step losses kept in Result.losses
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stops without saving."""
 
@@ -33,7 +36,7 @@ class Result:
     tokens_seen: int
     exit_code: int = 0
     stopped_by: str = "done"                                   # "done" | "SIGUSR1" | "SIGTERM"
-    losses: dict[int, float] = field(default_factory=dict)     # step -> train loss, steps run by this call
+    losses: dict[int, float] = field(default_factory=dict)     # step -> train loss (this call's newest 100k steps)
     val_losses: dict[int, float] = field(default_factory=dict)
     last_checkpoint: Path | None = None
     tensorboard_dir: Path | None = None
@@ -243,6 +246,8 @@ def fit(cfg: PretrainConfig) -> Result:
             tokens_seen += steps.tokens_per_step
             thr.end_step(steps.tokens_per_step)
             result.losses[step] = loss_v
+            if len(result.losses) > _HISTORY:  # bounded memory on million-step runs
+                del result.losses[next(iter(result.losses))]
             window_losses.append(loss_v)
             stop_now = agreed[2] > 0 or agreed[3] > 0
             stop_signal = signal.SIGTERM if agreed[3] > 0 else signal.SIGUSR1
