@@ -9,6 +9,7 @@ import os
 import socket
 from functools import partial
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -50,6 +51,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp_param_init_fn_matches_tinyllama_init_on_every_rank(tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, _port(), str(tmp_path)), nprocs=world, join=True)

@@ -48,6 +48,7 @@ def test_stop_and_resume_equals_straight_run(data_dir, tmp_path, optimizer):
     assert straight.losses[6] < straight.losses[1] - 0.1
 
 
+@pytest.mark.slow
 def test_kill_9_between_checkpoints_then_resume_auto(data_dir, tmp_path):
     reference = fit(tiny_config(data_dir, tmp_path / "ref", train__max_steps=24))
     cfg = tiny_config(data_dir, tmp_path / "killed", train__max_steps=24)
@@ -93,6 +94,7 @@ def test_keep_last_partial_folders_and_resume_none(data_dir, tmp_path):
         fit(tiny_config(data_dir, out, resume="none"))
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_stop_and_resume(data_dir, tmp_path):
     """CPU DDP (gloo, 2 processes): per-rank loader and RNG states; the resumed run ends bitwise equal."""
     common = dict(system__devices=2, system__strategy="ddp", train__global_batch_tokens=256, eval__batches=1)
