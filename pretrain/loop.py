@@ -167,9 +167,13 @@ def fit(cfg: PretrainConfig) -> Result:
     optimizer = fabric.setup_optimizers(optimizer)
 
     rank, world = fabric.global_rank, fabric.world_size
-    train = batches.BatchStream(
-        batches.make_loader(cfg, "train", cfg.train.micro_batch_size, rank, world, shuffle=True),
-        model_config.padded_vocab_size, cfg.data.seq_len)
+    train_loader = batches.make_loader(cfg, "train", cfg.train.micro_batch_size, rank, world, shuffle=True)
+    data_vocab = getattr(train_loader, "vocab_size", None)
+    if data_vocab is not None and data_vocab > model_config.padded_vocab_size:
+        raise ConfigError(f"data.dir={cfg.data.dir} was tokenised with a {data_vocab:,}-piece vocabulary, but model "
+                          f"{cfg.model.name} has {model_config.padded_vocab_size:,} embeddings; set "
+                          f"--model.overrides '{{vocab_size: {data_vocab}}}'")
+    train = batches.BatchStream(train_loader, model_config.padded_vocab_size, cfg.data.seq_len)
     val_batches = load_val_batches(fabric, cfg, rank, world)
 
     step, tokens_seen = 0, 0

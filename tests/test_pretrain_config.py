@@ -135,3 +135,12 @@ def test_print_config(capsys):
     assert main(["--print_config", "--model.name", "debug", "--train.max_steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "name: debug" in out and "max_steps: 3" in out
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path_factory, tmp_path):
+    from pretrain.loop import fit
+    from test_pretrain_util import prepare_small, tiny_config
+
+    data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
+    with pytest.raises(ConfigError, match="4,096-piece vocabulary, but model debug has 1,000 embeddings"):
+        fit(tiny_config(data, tmp_path / "run", model__overrides={"vocab_size": 1000}))
