@@ -219,6 +219,7 @@ def fit(cfg: PretrainConfig) -> Result:
     thr = metrics.Throughput()
     window_losses: list[float] = []
     saved_at = step if resume_path is not None else None
+    first_step = step + 1  # always logged: the console shows at once that training runs
     stop = StopRequest()
     stop_now = False
     with stop:
@@ -256,7 +257,7 @@ def fit(cfg: PretrainConfig) -> Result:
             stop_now = agreed[2] > 0 or agreed[3] > 0
             stop_signal = signal.SIGTERM if agreed[3] > 0 else signal.SIGUSR1
 
-            if step % cfg.logging.interval == 0 or step == steps.total or stop_now:
+            if step % cfg.logging.interval == 0 or step == steps.total or stop_now or step == first_step:
                 tps, sps = thr.report()
                 rec = {"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
                        "grad_norm": norm_v, "tokens_seen": tokens_seen, "tokens_per_s": tps,
