@@ -58,6 +58,15 @@ def build_optimizer(model: nn.Module, config: Config, name: str, lr: float, beta
     if name == "adamw":
         if kwargs:
             raise TypeError(f"unexpected arguments for adamw: {sorted(kwargs)}")
+        from optim import flat
+
+        if _is_fsdp1(model) or flat.is_fsdp1(model):
+            # FlatParameters mix decayed matrices with norms: decay per original parameter instead.
+            from optim.adamw import SegmentDecayAdamW
+
+            units, shapes = model_units(model)
+            return SegmentDecayAdamW(units, model_layout(config, shapes), lr=lr, betas=betas, eps=eps,
+                                     weight_decay=weight_decay, foreach=True)
         params = [p for _, p in named_parameters(model)]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
