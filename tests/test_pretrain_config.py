@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ConfigError, PretrainConfig, build_parser, iter_options, load_yaml, parse_args
+from pretrain.config import ConfigError, PretrainConfig, iter_options, load_yaml, parse_args
 from pretrain.loop import plan_steps
 from pretrain.schedule import lr_at
 
