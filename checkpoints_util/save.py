@@ -22,7 +22,7 @@ trainer.json: {"format", "step", "tokens_seen", "world_size", "strategy", "preci
 
 Atomicity: everything is written under `.tmp-step-XXXXXXXX/`; after a barrier rank 0 fsyncs the files,
 writes trainer.json, and renames the folder to `step-XXXXXXXX/`. A run killed mid-save leaves only a
-`.tmp-*` folder, which is ignored and removed by the next save. Multi-node runs need out_dir on a
+`.tmp-*` folder, which latest_checkpoint ignores and the next run removes at start-up (remove_partial). Multi-node runs need out_dir on a
 filesystem shared by all nodes (as torch.distributed.checkpoint does).
 """
 from __future__ import annotations
