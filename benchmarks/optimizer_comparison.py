@@ -110,7 +110,7 @@ def train_one(spec: dict) -> dict:
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), HP["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_curve.append([step * tokens_per_step, float(loss), float(gnorm)])
+        train_curve.append([step * tokens_per_step, float(loss.detach()), float(gnorm)])
         if not math.isfinite(float(loss)):
             diverged = True
             val_curve.append([step * tokens_per_step, float("nan")])
@@ -203,14 +203,6 @@ def check_identical(results: dict[str, dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def interp_tokens_to_reach(curve: list[list[float]], target: float) -> float | None:
-    """Tokens at which a val curve first reaches `target` (linear interpolation between evaluations)."""
-    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            return t1 if l0 == l1 else t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
-    return None
-
-
 def summarise(results: dict[str, dict], args, seed: int) -> dict:
     best = {opt: best_of(results, opt, seed) for opt in OPTIMIZERS}
     w, m = best["adamw"], best["adam_mini"]
