@@ -36,6 +36,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _repo_relative(path: Path) -> str:
+    """A path as written into results files: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -418,7 +424,7 @@ def main() -> None:
            "grid": {o: {f"{r['spec']['lr']:g}": (round(r["final_val"], 5) if math.isfinite(r["final_val"]) else None)
                         for r in results.values() if r["spec"]["optimizer"] == o and r["spec"]["seed"] == args.seed}
                     for o in OPTIMIZERS},
-           "sentence": summary["sentence"], "wall_s": round(time.time() - t_start), "plot": str(png)}
+           "sentence": summary["sentence"], "wall_s": round(time.time() - t_start), "plot": _repo_relative(png)}
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "optimizer_comparison.md").write_text(text)
     full = dict(out, runs={k: {kk: vv for kk, vv in r.items() if kk != "train"} for k, r in sorted(results.items())})
