@@ -140,6 +140,13 @@ class JsonlLog:
 
 
 def fit(cfg: PretrainConfig) -> Result:
+    """Train as `cfg` says. Stop signals are handled from the first line on (also during model set-up and
+    checkpoint loading, which can take minutes at scale), so a SLURM USR1 never kills a starting job."""
+    with StopRequest() as stop:
+        return _fit(cfg, stop)
+
+
+def _fit(cfg: PretrainConfig, stop: StopRequest) -> Result:
     torch.set_flush_denormal(True)  # denormals made some CPU steps take seconds
     p = strategy.plan(cfg)
     model_config = models.get_config(cfg.model.name, **cfg.model.overrides)
@@ -220,81 +227,79 @@ def fit(cfg: PretrainConfig) -> Result:
     window_losses: list[float] = []
     saved_at = step if resume_path is not None else None
     first_step = step + 1  # always logged: the console shows at once that training runs
-    stop = StopRequest()
     stop_now = False
-    with stop:
-        while step < steps.total:
-            lr = lr_at(step + 1, o.lr, o.min_lr, o.warmup_steps, steps.total)
-            set_lr(optimizer, lr)
-            thr.start_step()
-            micro = [fabric.to_device(train.next()) for _ in range(steps.micro_batches)]
-            loss = accumulate_gradients(fabric, model, micro, nan=cfg.debug.nan_at_step == step + 1)
-            grad_norm = fabric.clip_gradients(model, optimizer, max_norm=o.grad_clip or math.inf,
-                                              error_if_nonfinite=False)
-            # One small all-reduce per step: the global mean loss and grad norm, and which stop signals
-            # any rank has received (so that all ranks stop after the same step, with the same exit code).
-            usr1 = stop.signum == signal.SIGUSR1 or cfg.debug.stop_at_step == step + 1
-            term = stop.signum == signal.SIGTERM
-            agreed = fabric.all_reduce(torch.tensor([float(loss), float(grad_norm), float(usr1), float(term)],
-                                                    device=fabric.device, dtype=torch.float64),
-                                       reduce_op="sum").tolist()
-            loss_v, norm_v = agreed[0] / world, agreed[1] / world
-            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-                last = ckpt.latest_checkpoint(out_dir)
-                raise NonFiniteLossError(
-                    f"non-finite training loss at step {step + 1} (loss {loss_v}, grad norm {norm_v}, lr {lr:.3g}); "
-                    f"stopped without updating the weights or saving. The newest checkpoint is "
-                    f"{last or 'none'}; resume from it with a lower optimizer.lr (or check the data).")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += steps.tokens_per_step
-            thr.end_step(steps.tokens_per_step)
-            result.losses[step] = loss_v
-            if len(result.losses) > _HISTORY:  # bounded memory on million-step runs
-                del result.losses[next(iter(result.losses))]
-            window_losses.append(loss_v)
-            stop_now = agreed[2] > 0 or agreed[3] > 0
-            stop_signal = signal.SIGTERM if agreed[3] > 0 else signal.SIGUSR1
+    while step < steps.total:
+        lr = lr_at(step + 1, o.lr, o.min_lr, o.warmup_steps, steps.total)
+        set_lr(optimizer, lr)
+        thr.start_step()
+        micro = [fabric.to_device(train.next()) for _ in range(steps.micro_batches)]
+        loss = accumulate_gradients(fabric, model, micro, nan=cfg.debug.nan_at_step == step + 1)
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=o.grad_clip or math.inf,
+                                          error_if_nonfinite=False)
+        # One small all-reduce per step: the global mean loss and grad norm, and which stop signals
+        # any rank has received (so that all ranks stop after the same step, with the same exit code).
+        usr1 = stop.signum == signal.SIGUSR1 or cfg.debug.stop_at_step == step + 1
+        term = stop.signum == signal.SIGTERM
+        agreed = fabric.all_reduce(torch.tensor([float(loss), float(grad_norm), float(usr1), float(term)],
+                                                device=fabric.device, dtype=torch.float64),
+                                   reduce_op="sum").tolist()
+        loss_v, norm_v = agreed[0] / world, agreed[1] / world
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
+            last = ckpt.latest_checkpoint(out_dir)
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {step + 1} (loss {loss_v}, grad norm {norm_v}, lr {lr:.3g}); "
+                f"stopped without updating the weights or saving. The newest checkpoint is "
+                f"{last or 'none'}; resume from it with a lower optimizer.lr (or check the data).")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += steps.tokens_per_step
+        thr.end_step(steps.tokens_per_step)
+        result.losses[step] = loss_v
+        if len(result.losses) > _HISTORY:  # bounded memory on million-step runs
+            del result.losses[next(iter(result.losses))]
+        window_losses.append(loss_v)
+        stop_now = agreed[2] > 0 or agreed[3] > 0
+        stop_signal = signal.SIGTERM if agreed[3] > 0 else signal.SIGUSR1
 
-            if step % cfg.logging.interval == 0 or step == steps.total or stop_now or step == first_step:
-                tps, sps = thr.report()
-                rec = {"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
-                       "grad_norm": norm_v, "tokens_seen": tokens_seen, "tokens_per_s": tps,
-                       "tokens_per_s_per_device": tps / world, "s_per_step": sps,
-                       "max_memory_bytes": metrics.max_memory_bytes(fabric.device),
-                       "optimizer_state_bytes": optimizer_state_bytes(optimizer.optimizer)}
-                m = metrics.mfu(flops_tok, tps, peak, world)
-                if m is not None:
-                    rec["mfu"] = m
-                window_losses.clear()
-                log.write(rec)
-                fabric.log_dict({"train/loss": rec["loss"], "train/lr": lr, "train/grad_norm": norm_v,
-                                 "train/tokens_seen": tokens_seen, "perf/tokens_per_s": tps,
-                                 "perf/tokens_per_s_per_device": tps / world, "perf/s_per_step": sps,
-                                 "perf/max_memory_gib": rec["max_memory_bytes"] / 2**30,
-                                 "perf/optimizer_state_gib": rec["optimizer_state_bytes"] / 2**30,
-                                 **({"perf/mfu": m} if m is not None else {})}, step=step)
-                eta = (steps.total - step) * thr.mean_step_seconds()
-                fabric.print(f"step {step:>6}/{steps.total} | loss {rec['loss']:.4f} | lr {lr:.2e} | "
-                             f"gnorm {norm_v:.3f} | {metrics.human(tps)} tok/s ({metrics.human(tps / world)}/dev) | "
-                             + (f"MFU {m:.1%} | " if m is not None else "")
-                             + f"{sps:.2f} s/step | mem {rec['max_memory_bytes'] / 2**30:.2f} GiB | "
-                             f"ETA {metrics.duration(eta)}")
+        if step % cfg.logging.interval == 0 or step == steps.total or stop_now or step == first_step:
+            tps, sps = thr.report()
+            rec = {"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
+                   "grad_norm": norm_v, "tokens_seen": tokens_seen, "tokens_per_s": tps,
+                   "tokens_per_s_per_device": tps / world, "s_per_step": sps,
+                   "max_memory_bytes": metrics.max_memory_bytes(fabric.device),
+                   "optimizer_state_bytes": optimizer_state_bytes(optimizer.optimizer)}
+            m = metrics.mfu(flops_tok, tps, peak, world)
+            if m is not None:
+                rec["mfu"] = m
+            window_losses.clear()
+            log.write(rec)
+            fabric.log_dict({"train/loss": rec["loss"], "train/lr": lr, "train/grad_norm": norm_v,
+                             "train/tokens_seen": tokens_seen, "perf/tokens_per_s": tps,
+                             "perf/tokens_per_s_per_device": tps / world, "perf/s_per_step": sps,
+                             "perf/max_memory_gib": rec["max_memory_bytes"] / 2**30,
+                             "perf/optimizer_state_gib": rec["optimizer_state_bytes"] / 2**30,
+                             **({"perf/mfu": m} if m is not None else {})}, step=step)
+            eta = (steps.total - step) * thr.mean_step_seconds()
+            fabric.print(f"step {step:>6}/{steps.total} | loss {rec['loss']:.4f} | lr {lr:.2e} | "
+                         f"gnorm {norm_v:.3f} | {metrics.human(tps)} tok/s ({metrics.human(tps / world)}/dev) | "
+                         + (f"MFU {m:.1%} | " if m is not None else "")
+                         + f"{sps:.2f} s/step | mem {rec['max_memory_bytes'] / 2**30:.2f} GiB | "
+                         f"ETA {metrics.duration(eta)}")
 
-            if step == steps.total or (cfg.eval.interval and step % cfg.eval.interval == 0):
-                val = validate(fabric, model, val_batches)
-                result.val_losses[step] = val
-                log.write({"step": step, "val_loss": val})
-                fabric.log_dict({"val/loss": val}, step=step)
-                fabric.print(f"step {step:>6}/{steps.total} | val loss {val:.4f} ({len(val_batches)} batches/rank)")
+        if step == steps.total or (cfg.eval.interval and step % cfg.eval.interval == 0):
+            val = validate(fabric, model, val_batches)
+            result.val_losses[step] = val
+            log.write({"step": step, "val_loss": val})
+            fabric.log_dict({"val/loss": val}, step=step)
+            fabric.print(f"step {step:>6}/{steps.total} | val loss {val:.4f} ({len(val_batches)} batches/rank)")
 
-            if stop_now or step == steps.total or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-                if saved_at != step:
-                    save("signal" if stop_now else ("end" if step == steps.total else "interval"))
-                    saved_at = step
-            if stop_now:
-                break
+        if stop_now or step == steps.total or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+            if saved_at != step:
+                save("signal" if stop_now else ("end" if step == steps.total else "interval"))
+                saved_at = step
+        if stop_now:
+            break
 
     result.step, result.tokens_seen = step, tokens_seen
     if stop_now:

@@ -5,15 +5,19 @@ Exit codes (pretrain.loop): SIGUSR1 -> 0, for SLURM requeue flows (`#SBATCH --si
 requeue in the batch script; the job is not "failed"); SIGTERM -> 143 (128 + 15), the conventional
 "terminated" status, so a scheduler or `fabric run` does not take the run for finished. Either way the
 checkpoint is complete before the process exits. If ranks received different signals, SIGTERM's exit
-code wins. A second signal (either kind) to a process that is already stopping gets the default action
-(the process dies at once): an escape hatch for a hung save; the previous checkpoint stays valid.
+code wins. A repeat of the same signal within REPEAT_GRACE_S seconds is ignored: srun, torchrun or a
+scheduler can deliver one request twice, and it must not kill a save in progress. Any later second
+signal (or the other kind) gets the default action (the process dies at once): an escape hatch for a
+hung save; the previous checkpoint stays valid.
 """
 from __future__ import annotations
 
 import signal
 import threading
+import time
 
 HANDLED = (signal.SIGUSR1, signal.SIGTERM)
+REPEAT_GRACE_S = 30.0
 
 
 class StopRequest:
@@ -21,14 +25,18 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._since = 0.0
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.signum is not None:
+            if signum == self.signum and time.monotonic() - self._since < REPEAT_GRACE_S:
+                print(f"received {signal.Signals(signum).name} again: already stopping, ignored", flush=True)
+                return
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
-        self.signum = signum
+        self.signum, self._since = signum, time.monotonic()
         print(f"received {signal.Signals(signum).name}: will save a checkpoint after the current step and exit",
               flush=True)
 

@@ -78,3 +78,25 @@ def test_signal_saves_after_current_step_and_exits(data_dir, tmp_path, signum, c
     logged = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert max(logged) == state["step"]  # saved right after the step during which the signal came
     assert f"stopped by {signal.Signals(signum).name} after step {state['step']}" in out
+
+
+def test_signal_during_startup_and_a_repeated_delivery_still_save_and_exit_cleanly(data_dir, tmp_path):
+    """SLURM's USR1 can arrive while the model is being set up, and srun/torchrun can deliver it twice:
+    neither may kill the job (the batch script would then not requeue it) or a save in progress."""
+    cfg = tiny_config(data_dir, tmp_path / "run", train__max_steps=400, checkpoint__interval=0, eval__interval=0)
+    proc = popen_pretrain(cli_args(cfg))
+    lines: list[str] = []
+    try:
+        assert read_until(proc, "starting fresh", lines), "".join(lines)  # before the first step
+        os.kill(proc.pid, signal.SIGUSR1)
+        # the repeat after the first was handled (identical pending signals would merge in the kernel)
+        assert read_until(proc, "received SIGUSR1: will save", lines), "".join(lines)
+        os.kill(proc.pid, signal.SIGUSR1)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "again: already stopping, ignored" in out
+    state = read_trainer_state(latest_checkpoint(tmp_path / "run"))
+    assert state["reason"] == "signal" and 1 <= state["step"] < 400, state
