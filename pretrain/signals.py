@@ -1,8 +1,8 @@
 """Graceful stop on SIGUSR1 / SIGTERM: finish the current step, save a checkpoint, exit.
 
 The training loop all-reduces which signals any rank received, so every rank stops after the same step.
-Exit codes (pretrain.loop): SIGUSR1 -> 0, for SLURM requeue flows (`#SBATCH --signal=USR1@120` and a
-requeue in the batch script; the job is not "failed"); SIGTERM -> 143 (128 + 15), the conventional
+Exit codes (pretrain.loop): SIGUSR1 -> 0, for SLURM requeue flows (`#SBATCH --signal=B:USR1@180` and a
+requeue in the batch script, see launch/; the job is not "failed"); SIGTERM -> 143 (128 + 15), the conventional
 "terminated" status, so a scheduler or `fabric run` does not take the run for finished. Either way the
 checkpoint is complete before the process exits. If ranks received different signals, SIGTERM's exit
 code wins. A repeat of the same signal within REPEAT_GRACE_S seconds is ignored: srun, torchrun or a
