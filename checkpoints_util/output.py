@@ -17,19 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from checkpoints_util.save import CheckpointError
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from checkpoints_util.save import fsync_path as _fsync
 
 
 def _umask() -> int:

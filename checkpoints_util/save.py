@@ -114,10 +114,11 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Best-effort fsync of a file or folder (some filesystems refuse it on folders: ignored)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -211,7 +212,7 @@ def save_checkpoint(fabric, out_dir: str | Path, step: int, state: dict[str, Any
                 shutil.rmtree(old)
             final.rename(old)
         tmp.rename(final)
-        _fsync_dir(out_dir)
+        fsync_path(out_dir)
         if old.exists():
             shutil.rmtree(old)
         if keep_last > 0:
