@@ -17,8 +17,11 @@ outside the segments (FSDP padding) are never read or written.
 Two implementations of the same update:
 - eager: `torch._foreach_*` over all units for the element-wise parts, a loop over chunks (a few per
   unit) for the block-scaled step;
-- fast: the same, except that the moment update, decay and block-scaled step run as one compiled,
-  fused pass per chunk (`optim.kernels`) instead of three eager passes.
+- fast: units whose local chunks are complete blocks and need no all-reduce (any unsharded parameter)
+  run the whole update, block sums and v included, as compiled kernels, one call per group of equally
+  shaped chunks across units (`optim.kernels.rows_update`; v matches eager to rounding, the sum order
+  differs); other units (sharded, partial blocks) keep the eager block sums and all-reduce and run the
+  moment update, decay and step as one compiled, fused pass per chunk (`optim.kernels.chunk_update`).
 """
 from __future__ import annotations
 
@@ -72,6 +75,9 @@ class AdamMini(torch.optim.Optimizer):
                 raise ValueError(f"unit {unit.label!r}: segments need {plan.min_local_numel} local elements, buffer has {numel}")
         self._inv_numel: dict[tuple, torch.Tensor] = {}
         self.fast = self._resolve_fast(fast)
+        # units whose local chunks are all complete blocks and need no all-reduce: the fast path runs their
+        # whole update (block sums included) in compiled kernels grouped by chunk shape
+        self._whole = [unit.group is None and _complete_blocks(plan) for unit, plan in zip(units, self.plans)]
 
     # ------------------------------------------------------------------ configuration
     def _resolve_fast(self, fast: bool | None) -> bool:
@@ -158,6 +164,14 @@ class AdamMini(torch.optim.Optimizer):
             g = g.to_local() if hasattr(g, "to_local") else g
             grads.append(g.reshape(-1))
         steps = [float(s["step"].item()) for s in states]
+        if self.fast and any(self._whole[i] for i in todo):
+            whole = [k for k, i in enumerate(todo) if self._whole[i]]
+            self._apply_rows([todo[k] for k in whole], [states[k] for k in whole], [grads[k] for k in whole],
+                             [steps[k] for k in whole], lr, beta1, beta2, eps, wd)
+            rest = [k for k, i in enumerate(todo) if not self._whole[i]]
+            if not rest:
+                return
+            todo, states, grads, steps = ([xs[k] for k in rest] for xs in (todo, states, grads, steps))
         # partial block sums of g^2, completed across ranks by one all-reduce per sharded unit
         sumsqs = [block_sumsq_eager(self.plans[i], g) for i, g in zip(todo, grads)]
         for i, bsq in zip(todo, sumsqs):
@@ -228,6 +242,39 @@ class AdamMini(torch.optim.Optimizer):
                 sl = slice(c.offset, c.offset + c.numel)
                 p_c, g_c = local[sl], g[sl]
                 kernels.chunk_kernel(c.numel, c.rows, p_c, g_c)(p_c, g_c, m[sl], scale[c.block:c.block + c.rows], hp)
+
+    def _apply_rows(self, todo, states, grads, steps, lr, beta1, beta2, eps, wd) -> None:
+        """Fast path for units of complete blocks: block sums, v, m, decay and step in one compiled pass per
+        group of equally shaped chunks (e.g. the same parameter of every transformer block): one call each."""
+        groups: dict[tuple, list] = {}
+        for i, state, g, t in zip(todo, states, grads, steps):
+            local = local_1d(self.units[i].param.detach())
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            for c in self.plans[i].chunks:
+                key = (c.rows, c.length, c.decay, t, local.dtype, g.dtype, local.device)
+                sl = slice(c.offset, c.offset + c.numel)
+                views = (local[sl].view(c.rows, c.length), g[sl].view(c.rows, c.length),
+                         m[sl].view(c.rows, c.length), v[c.block:c.block + c.rows])
+                groups.setdefault(key, []).append(views)
+        for (rows, length, decay, t, p_dtype, g_dtype, device), entries in groups.items():
+            hp = torch.tensor([beta1, 1.0 - beta1, 1.0 - lr * wd if decay else 1.0, beta2, 1.0 - beta2,
+                               1.0 - beta2 ** t, lr / (1.0 - beta1 ** t), eps], dtype=torch.float32, device=device)
+            kernel = kernels.rows_kernel((rows, length, len(entries), p_dtype, g_dtype, device.type))
+            kernel(*(list(x) for x in zip(*entries)), hp)
+
+
+def _complete_blocks(plan: UnitPlan) -> bool:
+    """Whether every local chunk of `plan` consists of whole blocks (true for any unsharded parameter)."""
+    starts, sizes, first = [], [], 0
+    for n, b in plan.block_runs:
+        starts.append(first)
+        sizes.append(b)
+        first += n
+    for c in plan.chunks:
+        run = max(r for r, s in enumerate(starts) if s <= c.block)
+        if c.length != sizes[run]:
+            return False
+    return True
 
 
 def block_sumsq_eager(plan: UnitPlan, g: torch.Tensor) -> torch.Tensor:

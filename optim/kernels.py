@@ -1,4 +1,11 @@
-"""Fast path of AdamMini: one fused, compiled pass per chunk for the moment update, decay and step.
+"""Fast path of AdamMini: compiled, fused update kernels.
+
+`rows_update` (units of complete blocks, no all-reduce): the whole update, block sums of g², v, m,
+decay and step, for a list of equally shaped chunks (the same parameter of every transformer block),
+so a step costs one call per distinct chunk shape instead of ~5 eager ops plus one compiled call per
+chunk (measured on the 34 M `tiny` model, 1 thread: 57 calls of ~40 us fixed cost each). Inductor
+emits the row sums and the element pass as two loops per chunk. `chunk_update` below serves sharded
+units (partial blocks, all-reduced sums), whose sums stay eager:
 
 The eager path makes three passes over a chunk's memory after the block sums (m <- lerp(m, g),
 p <- p·(1 - lr·wd), p <- p - scale_B·m). Here they are a single `torch.compile`d function per chunk
@@ -59,6 +66,26 @@ def chunk_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, scale: torch
     p.copy_(p.float() * hp[1] - per_elem * m_new)
 
 
+def rows_update(ps: list, gs: list, ms: list, vs: list, hp: torch.Tensor) -> None:
+    """The whole Adam-mini update, in place, for chunks of complete blocks (no partial block, no all-reduce).
+
+    Chunk j is `ps[j], gs[j], ms[j]` of shape (rows, length), one block per row, and its v entries
+    `vs[j]` (rows,). With hp = [b1, 1 - b1, decay, b2, 1 - b2, bc2, lr / bc1, eps]:
+
+    v <- b2·v + (1 - b2)·mean_row g²;  m <- b1·m + (1 - b1)·g;
+    p <- p·decay - lr/bc1 / (sqrt(v / bc2) + eps)·m
+    """
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        g32 = g.float()
+        ssq = (g32 * g32).sum(1)
+        v_new = v * hp[3] + (ssq * (1.0 / p.shape[1])) * hp[4]
+        scale = (torch.sqrt(v_new / hp[5]) + hp[7]).reciprocal() * hp[6]
+        m_new = m * hp[0] + g32 * hp[1]
+        p.copy_(p.float() * hp[2] - scale.unsqueeze(1) * m_new)
+        m.copy_(m_new)
+        v.copy_(v_new)
+
+
 def _specialise(fn: Callable, tag: str) -> Callable:
     """`fn` compiled, through a private copy of its code object (its own dynamo cache)."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
@@ -84,6 +111,15 @@ def chunk_kernel(numel: int, rows: int, p: torch.Tensor, g: torch.Tensor) -> Cal
     k = _kernels.get(key)
     if k is None:
         k = _kernels[key] = _specialise(chunk_update, str(len(_kernels)))
+    return k
+
+
+def rows_kernel(key: tuple) -> Callable:
+    """The compiled `rows_update` for one group structure `key` (chunk shapes, dtypes, device), cached."""
+    key = ("rows",) + key
+    k = _kernels.get(key)
+    if k is None:
+        k = _kernels[key] = _specialise(rows_update, str(len(_kernels)))
     return k
 
 

@@ -315,6 +315,41 @@ def test_fast_path_equals_eager_on_full_and_partial_chunks():
     assert torch.equal(runs[True][-1][0][-3:], torch.full((3,), 7.0))  # padding untouched
 
 
+def test_fast_whole_block_path_equals_eager_and_reference():
+    """Unsharded units (complete blocks): the grouped compiled kernels (block sums included) vs eager and float64.
+
+    v is summed in another order than eager's vector_norm, so it matches to rounding, not bit for bit."""
+    from optim import kernels
+
+    if not kernels.compile_available():
+        pytest.skip("torch.compile is not usable here")
+    config, _ = debug_model()
+    runs = {}
+    for fast in (False, True):
+        _, model = debug_model()
+        layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
+        opt = AdamMini(units_from_module(model), layouts, fast=fast, **HP)
+        assert opt.fast == fast and all(opt._whole)
+        ref = Reference(dict(model.named_parameters()), layouts, **HP)
+        for step in range(3):
+            grads = random_grads(model, step)
+            lr = HP["lr"] / (1 + step)
+            opt.param_groups[0]["lr"] = lr
+            set_grads(model, grads)
+            opt.step()
+            ref.step(grads, lr=lr)
+        runs[fast] = {n: (p.detach().clone(), opt.state[p]) for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            assert rel_err(p, ref.p[n]) <= 1e-6, n
+            assert rel_err(opt.state[p]["exp_avg_sq"], ref.v[n]) <= 1e-5, n
+    for n, (pe, se) in runs[False].items():
+        pf, sf = runs[True][n]
+        assert rel_err(pf, pe.double()) <= 1e-6, n
+        assert rel_err(sf["exp_avg"], se["exp_avg"].double()) <= 1e-6, n
+        assert rel_err(sf["exp_avg_sq"], se["exp_avg_sq"].double()) <= 1e-6, n
+        assert float(sf["step"]) == 3
+
+
 # ----------------------------------------------------------------------------- build and memory
 def test_build_optimizer_strips_wrappers_and_adamw_groups():
     config, model = debug_model()
