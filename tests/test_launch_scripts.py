@@ -104,8 +104,11 @@ def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, tmp_p
 
     data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
     out = tmp_path / "run"
+    # Enough steps that the run cannot finish between "step 2" and the signal on a loaded machine
+    # (a debug step takes milliseconds); the resumed run then completes them.
+    steps = 40
     args = ["--model.name", "debug", "--data.dir", str(data), "--data.seq_len", "32",
-            "--train.global_batch_tokens", "128", "--train.micro_batch_size", "2", "--train.max_steps", "6",
+            "--train.global_batch_tokens", "128", "--train.micro_batch_size", "2", "--train.max_steps", str(steps),
             "--eval.batches", "1", "--eval.interval", "0", "--checkpoint.interval", "0", "--logging.interval", "1",
             "--logging.tensorboard", "false", "--out_dir", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LT_"))}
@@ -113,7 +116,7 @@ def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, tmp_p
     cmd = ["bash", str(LAUNCH / "fabric_single_node.sh"), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    assert read_until(proc, "step      2/6", lines, timeout_s=300), "".join(lines)
+    assert read_until(proc, f"step      2/{steps}", lines, timeout_s=300), "".join(lines)
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=300)
     out1 = "".join(lines) + rest
@@ -121,12 +124,12 @@ def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, tmp_p
     saved = sorted(out.glob("step-*"))
     assert len(saved) == 1
     trainer = json.loads((saved[0] / "trainer.json").read_text())
-    assert trainer["reason"] == "signal" and trainer["world_size"] == 2 and 2 <= trainer["step"] < 6
+    assert trainer["reason"] == "signal" and trainer["world_size"] == 2 and 2 <= trainer["step"] < steps
 
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {saved[0]} at step {trainer['step']}" in proc.stdout
-    assert json.loads((out / "step-00000006" / "trainer.json").read_text())["tokens_seen"] == 6 * 128
+    assert json.loads((out / f"step-{steps:08d}" / "trainer.json").read_text())["tokens_seen"] == steps * 128
 
 
 def free_port() -> int:
