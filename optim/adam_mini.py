@@ -14,14 +14,17 @@ touches; if `unit.group` is set, one all-reduce(SUM) of that block vector per un
 after which every rank updates the (replicated) v identically and steps its own elements. Elements
 outside the segments (FSDP padding) are never read or written.
 
-Two implementations of the same update:
+Three implementations of the same update:
 - eager: `torch._foreach_*` over all units for the element-wise parts, a loop over chunks (a few per
   unit) for the block-scaled step;
-- fast: units whose local chunks are complete blocks and need no all-reduce (any unsharded parameter)
-  run the whole update, block sums and v included, as compiled kernels, one call per group of equally
-  shaped chunks across units (`optim.kernels.rows_update`; v matches eager to rounding, the sum order
-  differs); other units (sharded, partial blocks) keep the eager block sums and all-reduce and run the
-  moment update, decay and step as one compiled, fused pass per chunk (`optim.kernels.chunk_update`).
+- native (CPU): units whose local chunks are complete blocks and need no all-reduce (any unsharded
+  parameter) run the whole update, block sums and v included, in one call per step of a small C++
+  kernel (`optim.native`, built on first use) that reads each block's gradient from memory once;
+- compiled (`torch.compile`): the same whole-block units off CPU run as compiled kernels, one call per
+  group of equally shaped chunks across units (`optim.kernels.rows_update`); other units (sharded,
+  partial blocks) keep the eager block sums and all-reduce and run the moment update, decay and step as
+  one compiled, fused pass per chunk (`optim.kernels.chunk_update`).
+The native and compiled block sums add in another order than eager's, so v matches it to rounding.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from optim import kernels
+from optim import kernels, native as native_kernel
 from optim.blocks import UnitPlan, plan_unit
 from optim.layout import ParamLayout
 from optim.units import Unit, local_1d
@@ -44,9 +47,13 @@ FAST_MIN_NUMEL = 1 << 22
 class AdamMini(torch.optim.Optimizer):
     """Adam-mini over `units` (see `optim.units`), with blocks from `layouts` (see `optim.layout`).
 
-    `fast`: True = compiled kernels (falls back to eager if compiling fails), False = eager,
-    None = compiled when the units hold at least `FAST_MIN_NUMEL` elements and torch.compile works
-    here; the environment variable `ADAM_MINI_FAST=0/1` overrides None.
+    `fast`: False = everything eager. True = the native CPU kernel for whole-block units on CPU and
+    compiled kernels for the rest (each falls back to eager where it cannot be built). None (default) =
+    like True, but compiled kernels only when the units hold at least `FAST_MIN_NUMEL` elements (a
+    compile costs seconds per chunk shape; the native kernel is built once per machine and cached).
+    The environment variable `ADAM_MINI_FAST=0/1` overrides None.
+    `native`: None = use the native CPU kernel where it applies and builds; False = never (compiled or
+    eager instead); True = require it (RuntimeError if it cannot be built).
 
     State per unit param: `step` (fp32 scalar, CPU), `exp_avg` (fp32, like the local 1-D buffer),
     `exp_avg_sq` (fp32, one entry per block of `unit.names`, replicated over `unit.group`).
@@ -54,7 +61,7 @@ class AdamMini(torch.optim.Optimizer):
 
     def __init__(self, units: Sequence[Unit], layouts: Mapping[str, ParamLayout], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 fast: bool | None = None):
+                 fast: bool | None = None, native: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid hyper-parameters lr={lr}, eps={eps}, weight_decay={weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -74,21 +81,49 @@ class AdamMini(torch.optim.Optimizer):
             if numel < plan.min_local_numel:
                 raise ValueError(f"unit {unit.label!r}: segments need {plan.min_local_numel} local elements, buffer has {numel}")
         self._inv_numel: dict[tuple, torch.Tensor] = {}
-        self.fast = self._resolve_fast(fast)
-        # units whose local chunks are all complete blocks and need no all-reduce: the fast path runs their
-        # whole update (block sums included) in compiled kernels grouped by chunk shape
+        # units whose local chunks are all complete blocks and need no all-reduce: the fast paths run their
+        # whole update (block sums included) in one native call (CPU) or compiled kernels by chunk shape
         self._whole = [unit.group is None and _complete_blocks(plan) for unit, plan in zip(units, self.plans)]
+        self.fast, self.native = self._resolve_fast(fast, native)
+        self._native_steps: dict[tuple[int, ...], native_kernel.RowsStep] = {}
+
+    @property
+    def implementation(self) -> str:
+        """Which update paths serve the units: 'native', 'compiled', 'eager', or several joined with '+'.
+
+        (A unit whose dtypes the native kernel does not take uses the compiled or eager path instead.)"""
+        used = set()
+        for unit, whole in zip(self.units, self._whole):
+            if self.native and whole and unit.param.device.type == "cpu":
+                used.add("native")
+            else:
+                used.add("compiled" if self.fast else "eager")
+        return "+".join(k for k in ("native", "compiled", "eager") if k in used)
 
     # ------------------------------------------------------------------ configuration
-    def _resolve_fast(self, fast: bool | None) -> bool:
+    def _resolve_fast(self, fast: bool | None, native: bool | None) -> tuple[bool, bool]:
+        """(compiled kernels on, native CPU kernel on), see the class docstring."""
         if fast is None:
             env = os.environ.get("ADAM_MINI_FAST")
             if env is not None:
                 fast = env.strip().lower() not in ("0", "false", "no", "")
-            else:
-                total = sum(sum(c.numel for c in p.chunks) for p in self.plans)
-                fast = total >= FAST_MIN_NUMEL
-        return bool(fast) and kernels.compile_available()
+        if fast is False:
+            if native:
+                raise ValueError("native=True needs fast=True or None")
+            return False, False
+        if fast is None:
+            compiled = sum(sum(c.numel for c in p.chunks) for p in self.plans) >= FAST_MIN_NUMEL
+        else:
+            compiled = bool(fast)
+        compiled = compiled and kernels.compile_available()
+        if native is False:
+            return compiled, False
+        if native:
+            if not native_kernel.available():
+                raise RuntimeError(f"AdamMini(native=True): {native_kernel.unavailable_reason()}")
+            return compiled, True
+        cpu_whole = any(w and u.param.device.type == "cpu" for u, w in zip(self.units, self._whole))
+        return compiled, cpu_whole and native_kernel.available()
 
     def inv_block_numel(self, i: int, device: torch.device) -> torch.Tensor:
         """1 / (static element count) of every block of unit i, cached per geometry and device."""
@@ -156,14 +191,22 @@ class AdamMini(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         states = [self._init_state(i) for i in todo]
-        for s in states:
-            s["step"] += 1
+        torch._foreach_add_([s["step"] for s in states], 1.0)
         grads = []
         for i in todo:
             g = self.units[i].param.grad
             g = g.to_local() if hasattr(g, "to_local") else g
             grads.append(g.reshape(-1))
-        steps = [float(s["step"].item()) for s in states]
+        steps = [float(s["step"]) for s in states]
+        if self.native:
+            mine = [k for k, i in enumerate(todo) if self._whole[i] and native_kernel.supports(self.units[i].param, grads[k])]
+            if mine:
+                self._apply_native([todo[k] for k in mine], [states[k] for k in mine], [grads[k] for k in mine],
+                                   [steps[k] for k in mine], lr, beta1, beta2, eps, wd)
+                rest = sorted(set(range(len(todo))) - set(mine))
+                if not rest:
+                    return
+                todo, states, grads, steps = ([xs[k] for k in rest] for xs in (todo, states, grads, steps))
         if self.fast and any(self._whole[i] for i in todo):
             whole = [k for k, i in enumerate(todo) if self._whole[i]]
             self._apply_rows([todo[k] for k in whole], [states[k] for k in whole], [grads[k] for k in whole],
@@ -242,6 +285,22 @@ class AdamMini(torch.optim.Optimizer):
                 sl = slice(c.offset, c.offset + c.numel)
                 p_c, g_c = local[sl], g[sl]
                 kernels.chunk_kernel(c.numel, c.rows, p_c, g_c)(p_c, g_c, m[sl], scale[c.block:c.block + c.rows], hp)
+
+    def _apply_native(self, todo, states, grads, steps, lr, beta1, beta2, eps, wd) -> None:
+        """CPU units of complete blocks: the whole update in one native call per distinct step count."""
+        by_step: dict[float, list] = {}
+        for i, state, g, t in zip(todo, states, grads, steps):
+            by_step.setdefault(t, []).append((i, state, g))
+        for t, entries in by_step.items():
+            key = tuple(i for i, _, _ in entries)
+            run = self._native_steps.get(key)
+            if run is None:
+                if len(self._native_steps) >= 16:  # another pattern of None grads: keep the cache small
+                    self._native_steps.clear()
+                run = self._native_steps[key] = native_kernel.RowsStep([self.plans[i].chunks for i in key])
+            tensors = [(local_1d(self.units[i].param.detach()), g, s["exp_avg"], s["exp_avg_sq"]) for i, s, g in entries]
+            run(tensors, (beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 - beta2 ** t, lr / (1.0 - beta1 ** t), eps,
+                          1.0 - lr * wd))
 
     def _apply_rows(self, todo, states, grads, steps, lr, beta1, beta2, eps, wd) -> None:
         """Fast path for units of complete blocks: block sums, v, m, decay and step in one compiled pass per
