@@ -171,6 +171,7 @@ def _fit(cfg: PretrainConfig, stop: StopRequest) -> Result:
     o = cfg.optimizer
     optimizer = build_optimizer(strategy.optimizer_target(model), model_config, o.name, lr=o.lr,
                                 betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer_name = o.name + (f" [{optimizer.implementation}]" if hasattr(optimizer, "implementation") else "")
     optimizer = fabric.setup_optimizers(optimizer)
 
     rank, world = fabric.global_rank, fabric.world_size
@@ -196,7 +197,7 @@ def _fit(cfg: PretrainConfig, stop: StopRequest) -> Result:
     flops_tok = models.flops_per_token(model_config, cfg.data.seq_len)
     peak = metrics.peak_flops(fabric.device, cfg.logging.peak_flops)
     fabric.print(f"model {cfg.model.name}: {n_params:,} parameters, {flops_tok:.3g} training FLOPs/token | "
-                 f"{p.strategy} x {world} {p.accelerator} ({p.precision}) | optimizer {o.name} | "
+                 f"{p.strategy} x {world} {p.accelerator} ({p.precision}) | optimizer {optimizer_name} | "
                  f"{steps.total} steps x {steps.tokens_per_step:,} tokens ({steps.micro_batches} micro-batches "
                  f"of {cfg.train.micro_batch_size} x {cfg.data.seq_len} per rank)")
     if peak is None and p.accelerator == "cuda":
