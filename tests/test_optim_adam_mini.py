@@ -174,10 +174,16 @@ def test_state_dict_round_trip_continues_exactly():
         assert torch.equal(pa, pc), n
 
 
-def test_bf16_params_keep_fp32_state():
+@pytest.mark.parametrize("path", ["eager", "native"])
+def test_bf16_params_keep_fp32_state(path):
+    from optim import native
+
+    if path == "native" and not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
     config, model = debug_model(dtype=torch.bfloat16)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    opt = AdamMini(units_from_module(model), layouts, **(dict(fast=False) if path == "eager" else dict(native=True)), **HP)
+    assert opt.implementation == path
     # reference: float64 math, rounded to bf16 after every step like the optimizer's write-back
     ref = Reference(dict(model.named_parameters()), layouts, **HP)
     for step in range(5):
