@@ -85,6 +85,9 @@ class AdamMini(torch.optim.Optimizer):
         # whole update (block sums included) in one native call (CPU) or compiled kernels by chunk shape
         self._whole = [unit.group is None and _complete_blocks(plan) for unit, plan in zip(units, self.plans)]
         self.fast, self.native = self._resolve_fast(fast, native)
+        # units the native kernel serves (when their dtypes suit it, checked per step)
+        candidates = self._native_candidates() if self.native else set()
+        self._on_native = [i in candidates for i in range(len(units))]
         self._native_steps: dict[tuple[int, ...], native_kernel.RowsStep] = {}
 
     @property
@@ -92,13 +95,13 @@ class AdamMini(torch.optim.Optimizer):
         """Which update paths serve the units: 'native', 'compiled', 'eager', or several joined with '+'.
 
         (A unit whose dtypes the native kernel does not take uses the compiled or eager path instead.)"""
-        used = set()
-        for unit, whole in zip(self.units, self._whole):
-            if self.native and whole and unit.param.device.type == "cpu":
-                used.add("native")
-            else:
-                used.add("compiled" if self.fast else "eager")
+        other = "compiled" if self.fast else "eager"
+        used = {"native" if on else other for on in self._on_native}
         return "+".join(k for k in ("native", "compiled", "eager") if k in used)
+
+    def _native_candidates(self) -> set[int]:
+        """Units the native kernel can take: complete blocks, no all-reduce, on CPU."""
+        return {i for i, (u, w) in enumerate(zip(self.units, self._whole)) if w and u.param.device.type == "cpu"}
 
     # ------------------------------------------------------------------ configuration
     def _resolve_fast(self, fast: bool | None, native: bool | None) -> tuple[bool, bool]:
@@ -122,8 +125,7 @@ class AdamMini(torch.optim.Optimizer):
             if not native_kernel.available():
                 raise RuntimeError(f"AdamMini(native=True): {native_kernel.unavailable_reason()}")
             return compiled, True
-        cpu_whole = any(w and u.param.device.type == "cpu" for u, w in zip(self.units, self._whole))
-        return compiled, cpu_whole and native_kernel.available()
+        return compiled, bool(self._native_candidates()) and native_kernel.available()
 
     def inv_block_numel(self, i: int, device: torch.device) -> torch.Tensor:
         """1 / (static element count) of every block of unit i, cached per geometry and device."""
@@ -199,11 +201,12 @@ class AdamMini(torch.optim.Optimizer):
             grads.append(g.reshape(-1))
         steps = [float(s["step"]) for s in states]
         if self.native:
-            mine = [k for k, i in enumerate(todo) if self._whole[i] and native_kernel.supports(self.units[i].param, grads[k])]
+            mine = [k for k, i in enumerate(todo) if self._on_native[i] and native_kernel.supports(self.units[i].param, grads[k])]
             if mine:
                 self._apply_native([todo[k] for k in mine], [states[k] for k in mine], [grads[k] for k in mine],
                                    [steps[k] for k in mine], lr, beta1, beta2, eps, wd)
-                rest = sorted(set(range(len(todo))) - set(mine))
+                taken = set(mine)
+                rest = [k for k in range(len(todo)) if k not in taken]
                 if not rest:
                     return
                 todo, states, grads, steps = ([xs[k] for k in rest] for xs in (todo, states, grads, steps))

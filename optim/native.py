@@ -57,10 +57,6 @@ class Library:
     path: Path
     flags: tuple[str, ...]
 
-    @property
-    def openmp(self) -> bool:
-        return "-fopenmp" in self.flags
-
 
 _library: Library | None = None
 _failed: str | None = None
@@ -72,13 +68,13 @@ def supports(p: torch.Tensor, g: torch.Tensor) -> bool:
 
 
 def _compiler() -> str | None:
-    for candidate in (os.environ.get("ADAM_MINI_CXX"), os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if candidate:
-            found = shutil.which(candidate)
-            if found:
-                return found
-            if candidate == os.environ.get("ADAM_MINI_CXX"):
-                return None  # an explicit choice that does not exist: no silent substitute
+    explicit = os.environ.get("ADAM_MINI_CXX")
+    if explicit:
+        return shutil.which(explicit)  # an explicit choice that does not exist: no silent substitute
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        found = shutil.which(candidate) if candidate else None
+        if found:
+            return found
     return None
 
 
@@ -121,7 +117,7 @@ def cache_dir() -> Path:
 
 
 def _build(cxx: str, flags: tuple[str, ...], out: Path) -> str | None:
-    """Compile into `out` atomically; None on success, else the compiler's last words."""
+    """Compile into `out` atomically; None on success, else the compiler's first error line."""
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -216,7 +212,6 @@ class RowsStep:
                 for r in range(0, c.rows, per):
                     tasks += (index, r, min(c.rows, r + per))
                 index += 1
-        self.n_chunks = index
         self.n_tasks = len(tasks) // 3
         self._tasks = (ctypes.c_int64 * max(1, len(tasks)))(*tasks)
         self._table = (ctypes.c_int64 * max(1, 7 * index))()
