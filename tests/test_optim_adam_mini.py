@@ -431,6 +431,7 @@ def _ddp_worker(rank, world, port, out_dir):
             _loss(ddp, _batches(rank, step, 256)).backward()
             opt.step()
         torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still works
     finally:
         dist.destroy_process_group()
 

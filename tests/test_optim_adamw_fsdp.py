@@ -40,6 +40,7 @@ def _run(rank: int, port: int, out: str) -> None:
         params = worker.full_params(model, "fsdp1")
         if rank == 0:
             torch.save(params, out)
+        dist.barrier()  # no rank tears gloo down while another still works (a race aborted one in CI)
     finally:
         dist.destroy_process_group()
 

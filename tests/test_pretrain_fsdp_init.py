@@ -47,6 +47,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         meta = [n for n, t in list(fsdp.named_parameters()) + list(fsdp.named_buffers()) if t.is_meta]
         torch.save({"sd": sd, "cos": fsdp.module.cos.clone(), "sin": fsdp.module.sin.clone(), "meta": meta},
                    os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while another still works
     finally:
         dist.destroy_process_group()
 
