@@ -6,10 +6,12 @@ targets. Which windows form a batch is defined in data/windows.py: an epoch, ove
 dataloader workers together, yields every used window exactly once.
 
 Resume: the loader counts the batches it has *handed to the caller* (not what workers prefetched), and
-``state_dict()`` stores that count. ``load_state_dict()`` makes the next iteration start at exactly the
-next batch; it jumps there by arithmetic, without reading any consumed tokens. A state can be loaded
-into a loader with another rank or worker count, or another world size with the same global batch
-(world_size x batch_size), since the window order depends only on the seed and the global batch.
+``state_dict()`` stores the data position globally: the epoch and how many windows of that epoch's order
+all ranks together have consumed. ``load_state_dict()`` makes the next iteration start at exactly the
+next window; it jumps there by arithmetic, without reading any consumed tokens. The position does not
+depend on the world size, batch size, gradient accumulation or worker count, so a run saved on W ranks
+continues on W' ranks with the same windows in each optimizer step (the global batch, in windows, is
+what defines an epoch's steps: `global_batch`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from data.stream import TokenStream
 from data.windows import Schedule, num_windows, worker_steps
 
 SPLITS = ("train", "val")
-STATE_VERSION = 1
+STATE_VERSION = 2
 STEP_BLOCK = 256
 
 
@@ -59,7 +61,7 @@ class TokenLoader:
     """Infinite, resumable iterator over one split for one rank. Build it with `build_loader`."""
 
     def __init__(self, data_dir, split, seq_len, batch_size, rank=0, world_size=1, num_workers=0, seed=0,
-                 shuffle=None, tokenizer=None):
+                 shuffle=None, tokenizer=None, global_batch=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split_dir = Path(data_dir) / split
@@ -73,14 +75,21 @@ class TokenLoader:
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
         self.num_tokens = self.stream.num_tokens
         self.windows_per_epoch = num_windows(self.num_tokens, self.seq_len)
-        self.schedule = Schedule(self.windows_per_epoch, self.batch_size, self.world_size, self.seed, self.shuffle)
+        #: windows per optimizer step over all ranks (world_size x batch_size x gradient accumulation)
+        self.global_batch = int(global_batch or self.world_size * self.batch_size)
+        if self.global_batch % (self.world_size * self.batch_size):
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of world_size x batch_size = "
+                             f"{self.world_size} x {self.batch_size}")
+        self.schedule = Schedule(self.windows_per_epoch, self.batch_size, self.world_size, self.seed, self.shuffle,
+                                 self.global_batch)
         self.steps_per_epoch = self.schedule.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise DataError(self.split_dir, f"too little data: {self.num_tokens} tokens make "
                             f"{self.windows_per_epoch} windows of seq_len {self.seq_len}, fewer than one global "
-                            f"batch of world_size x batch_size = {self.world_size * self.batch_size}")
+                            f"batch of {self.global_batch} windows")
         #: windows of each epoch's order that no rank sees in that epoch (< world_size * batch_size)
         self.windows_left_out_per_epoch = self.windows_per_epoch - self.steps_per_epoch * self.world_size * self.batch_size
+        self.windows_per_batch = self.world_size * self.batch_size
         self.batches_consumed = 0
 
     # -- iteration ------------------------------------------------------------------------------
@@ -105,12 +114,14 @@ class TokenLoader:
 
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "batches_consumed": self.batches_consumed, "seed": self.seed,
-                "shuffle": self.shuffle, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_tokens": self.num_tokens, "split": self.split}
+        """The global data position (see the module docstring) and what the window order depends on."""
+        epoch, step = divmod(self.batches_consumed, self.steps_per_epoch)
+        return {"version": STATE_VERSION, "epoch": epoch, "position": step * self.windows_per_batch,
+                "windows_consumed": self.batches_consumed * self.windows_per_batch, "seed": self.seed,
+                "shuffle": self.shuffle, "seq_len": self.seq_len, "num_tokens": self.num_tokens, "split": self.split}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Continue at the batch after the last one counted in `sd`. Takes effect at the next iter()."""
+        """Continue at the window after the last one counted in `sd`. Takes effect at the next iter()."""
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {sd.get('version')} != {STATE_VERSION}")
         mine = self.state_dict()
@@ -118,10 +129,13 @@ class TokenLoader:
             if sd[key] != mine[key]:
                 raise ValueError(f"loader state has {key}={sd[key]!r} but this loader has {mine[key]!r}; "
                                  "resuming would not continue the same sequence of windows")
-        if sd["world_size"] * sd["batch_size"] != self.world_size * self.batch_size:
-            raise ValueError(f"loader state global batch {sd['world_size']}x{sd['batch_size']} != "
-                             f"{self.world_size}x{self.batch_size}; the window order would differ")
-        self.batches_consumed = int(sd["batches_consumed"])
+        epoch, position = int(sd["epoch"]), int(sd["position"])
+        if position >= self.steps_per_epoch * self.windows_per_batch:  # a larger global batch: a shorter epoch
+            epoch, position = epoch + 1, 0
+        if position % self.global_batch:
+            raise ValueError(f"the saved position ({position} windows into epoch {epoch}) is not a whole number of "
+                             f"global batches of {self.global_batch} windows (did the global batch change?)")
+        self.batches_consumed = epoch * self.steps_per_epoch + position // self.windows_per_batch
 
     def __repr__(self) -> str:
         return (f"TokenLoader({self.split_dir}, seq_len={self.seq_len}, batch_size={self.batch_size}, "
@@ -131,15 +145,17 @@ class TokenLoader:
 
 def build_loader(data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool | None = True,
-                 tokenizer=None) -> TokenLoader:
+                 tokenizer=None, global_batch: int | None = None) -> TokenLoader:
     """Loader over ``data_dir/split`` prepared by ``python -m data.prepare --out data_dir``.
 
     `shuffle` applies to the train split; the val split is always read in stream order (deterministic).
     `tokenizer` (optional, a model path or data.tokenizer.Tokenizer) is checked against the manifest.
+    `global_batch`: windows per optimizer step over all ranks (default world_size x batch_size).
     """
     if split == "val":
         shuffle = False
-    return TokenLoader(data_dir, split, seq_len, batch_size, rank, world_size, num_workers, seed, shuffle, tokenizer)
+    return TokenLoader(data_dir, split, seq_len, batch_size, rank, world_size, num_workers, seed, shuffle, tokenizer,
+                       global_batch)
 
 
 def val_batches(data_dir: str | os.PathLike, seq_len: int, batch_size: int, num_batches: int | None = None,

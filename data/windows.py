@@ -10,11 +10,14 @@ Rules (also in data/README.md):
 * Each epoch orders the N windows by a permutation seeded by ``(seed, epoch)`` (identity when
   shuffle is off), so every epoch has a new, reproducible order. The permutation is a function
   evaluated per position (data/permutation.py), so no process stores an N-long order.
-* A global step takes the next ``W * B`` windows of that order (W = world size, B = batch size); rank r
-  takes the r-th block of B. An epoch has ``S = N // (W * B)`` steps; the last ``N - S*W*B < W*B``
-  windows of each epoch's order are not used in that epoch (the next epoch's order differs, so no
-  window is excluded forever), and every rank takes exactly S steps per epoch.
-* Steps are numbered globally across epochs (g = epoch * S + s). Dataloader worker k of K produces
+* An optimizer step takes the next ``G`` windows of that order (the global batch, in windows); it is
+  made of ``G / (W * B)`` micro-steps (gradient accumulation), each of which takes the next ``W * B``
+  windows (W = world size, B = batch size), rank r the r-th block of B. An epoch has ``N // G`` optimizer
+  steps, i.e. ``S = (N // G) * G / (W * B)`` micro-steps; the last ``N mod G < G`` windows of each epoch's
+  order are not used in that epoch (the next epoch's order differs, so no window is excluded forever),
+  and every rank takes exactly S micro-steps per epoch. Which windows an optimizer step holds depends on
+  G alone, not on W or B: a run can change its world size and continue with the same batches.
+* Micro-steps are numbered globally across epochs (g = epoch * S + s). Dataloader worker k of K produces
   steps ``g0 + k, g0 + k + K, ...`` (g0 = first step of this iteration), which is the order in which
   torch's DataLoader collects worker outputs, so batches come out in step order for any K.
 """
@@ -58,12 +61,16 @@ class _Identity:
 class Schedule:
     """Maps a global step and a rank to window indices (the order is computed, never stored)."""
 
-    def __init__(self, n_windows: int, batch_size: int, world_size: int, seed: int, shuffle: bool):
+    def __init__(self, n_windows: int, batch_size: int, world_size: int, seed: int, shuffle: bool,
+                 global_batch: int | None = None):
         if batch_size < 1 or world_size < 1:
             raise ValueError("batch_size and world_size must be >= 1")
         self.n_windows, self.batch_size, self.world_size = n_windows, batch_size, world_size
         self.seed, self.shuffle = seed, shuffle
-        self.steps_per_epoch = n_windows // (world_size * batch_size)
+        per_micro = world_size * batch_size
+        global_batch = global_batch or per_micro
+        #: micro-steps (of W x B windows) per epoch: whole optimizer steps of `global_batch` windows only
+        self.steps_per_epoch = (n_windows // global_batch) * (global_batch // per_micro)
         self._epoch, self._order = None, None
 
     def _order_for(self, epoch: int):

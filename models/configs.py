@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -60,13 +61,5 @@ def build_model(config: Config | str, device: torch.device | str | None = "meta"
     """Instantiate `litgpt.model.GPT`; on the meta device by default (no memory is allocated)."""
     if isinstance(config, str):
         config = get_config(config)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         return GPT(config)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

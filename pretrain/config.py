@@ -1,116 +1,157 @@
-"""The typed pretraining configuration: dataclasses, YAML files and `--section.key value` overrides.
+"""The typed pretraining configuration: dataclasses parsed by jsonargparse, as litgpt's `args.py` does.
 
-Precedence: the defaults below < `--config FILE` (YAML) < command-line options. Every field is an
-option named `--<section>.<field>` (top-level fields: `--<field>`), documented by its `help` metadata;
-`python -m pretrain --help` prints them all. Unknown keys and ill-typed values are errors that name
-the file (or the option) and the key.
+Precedence: the defaults below < `--config FILE` (YAML) < `--section.key value` options. Each field's
+docstring is its `--help` text. An unknown key, an ill-typed value or a value that cannot work is one
+`ConfigError` that names the file (or "command line") and the key.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-import types
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 
+import models
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+ModelName = Literal["debug", "tiny", "tinyllama-1.1b", "llama2-7b", "llama2-13b"]
+assert typing.get_args(ModelName) == models.CONFIG_NAMES, "keep ModelName in step with models.CONFIG_NAMES"
 
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("tiny", "model config name: debug, tiny, tinyllama-1.1b, llama2-7b, llama2-13b")
-    overrides: dict = _opt({}, "litgpt.Config fields to override, as a YAML/JSON mapping, e.g. "
-                               "'{n_layer: 4, vocab_size: 8192}'")
+    name: ModelName = "tiny"
+    """named model config (models/configs.py)"""
+    overrides: dict = field(default_factory=dict)
+    """litgpt.Config fields to override, as a YAML/JSON mapping, e.g. '{n_layer: 4, vocab_size: 8192}'"""
 
 
 @dataclass
 class DataConfig:
-    dir: str = _opt("out/data/sample", "folder of prepared shards (`python -m data.prepare` output)")
-    seq_len: int = _opt(256, "tokens per training sequence (the model sees seq_len inputs, predicts seq_len targets)")
-    num_workers: int = _opt(0, "DataLoader worker processes per rank")
+    dir: str = "out/data/sample"
+    """folder of prepared shards (`python -m data.prepare` output)"""
+    seq_len: int = 256
+    """tokens per training sequence (the model sees seq_len inputs and predicts seq_len targets)"""
+    num_workers: int = 0
+    """DataLoader worker processes per rank"""
+
+
+@dataclass
+class AdamMiniConfig:
+    embedding_blocks: Literal["tokens", "elements"] = "tokens"
+    """v blocks of wte and lm_head: one per token (row; the reference's layout) or one per element (plain
+    Adam there, costs 2·V·d·4 more bytes)"""
+    value_blocks: Literal["rows", "whole"] = "rows"
+    """v blocks of the V part of each attn.qkv: one per row (output neuron; the reference's layout) or one
+    for the whole V of the layer"""
+    momentum_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the first moment m (bfloat16: rounded to nearest even on every write; state 2 bytes per
+    parameter instead of 4)"""
 
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adam_mini", "adamw"] = _opt("adam_mini", "adam_mini or adamw (torch AdamW, the baseline)")
-    lr: float = _opt(4e-4, "peak learning rate, reached after the warm-up")
-    min_lr: float = _opt(4e-5, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _opt(2000, "optimizer steps of linear warm-up from 0 to lr")
-    betas: tuple[float, float] = _opt((0.9, 0.95), "Adam betas, e.g. '[0.9, 0.95]'")
-    eps: float = _opt(1e-8, "Adam epsilon")
-    weight_decay: float = _opt(0.1, "decoupled weight decay (matrices only; norms and biases get none)")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this value; 0 = no clipping (the norm "
-                                 "is still computed and reported)")
+    name: Literal["adam_mini", "adamw"] = "adam_mini"
+    """adam_mini, or adamw (torch's AdamW, the baseline)"""
+    lr: float = 4e-4
+    """peak learning rate, reached after the warm-up"""
+    min_lr: float = 4e-5
+    """learning rate at the end of the cosine decay"""
+    warmup_steps: int = 2000
+    """optimizer steps of linear warm-up from 0 to lr"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas, e.g. '[0.9, 0.95]'"""
+    eps: float = 1e-8
+    """Adam epsilon"""
+    weight_decay: float = 0.1
+    """decoupled weight decay (matrices only; norms and biases get none)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this value; 0 = no clipping (the norm is still reported)"""
+    implementation: Literal["auto", "native", "compiled", "eager"] = "auto"
+    """Adam-mini's update path: native (C++ CPU kernel), compiled (torch.compile), eager (PyTorch ops);
+    auto = native for whole-block CPU units, compiled for large models elsewhere, else eager. adamw: auto"""
+    adam_mini: AdamMiniConfig = field(default_factory=AdamMiniConfig)
+    """Adam-mini's block partition and state dtype"""
 
 
 @dataclass
 class TrainConfig:
-    global_batch_tokens: int = _opt(2_097_152, "tokens per optimizer step over all ranks; must be a multiple "
-                                              "of micro_batch_size * data.seq_len * world size")
-    micro_batch_size: int = _opt(8, "sequences per forward/backward on one rank")
-    max_tokens: int | None = _opt(None, "stop after this many training tokens (rounded down to whole steps); "
-                                        "null = no limit")
-    max_steps: int | None = _opt(None, "stop after this many optimizer steps; null = no limit (at least one of "
-                                       "max_tokens/max_steps must be set; the cosine schedule ends at the "
-                                       "smaller)")
+    global_batch_tokens: int = 2_097_152
+    """tokens per optimizer step over all ranks; a multiple of micro_batch_size × data.seq_len × world size"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward on one rank"""
+    max_tokens: Optional[int] = None
+    """stop after this many training tokens (rounded down to whole steps); null = no limit"""
+    max_steps: Optional[int] = None
+    """stop after this many optimizer steps; null = no limit (set max_tokens or max_steps; the cosine
+    schedule ends at the smaller)"""
 
 
 @dataclass
 class EvalConfig:
-    interval: int = _opt(1000, "run validation every this many steps (and at the end); 0 = only at the end")
-    batches: int = _opt(100, "validation batches per rank, the same ones every time")
-    micro_batch_size: int | None = _opt(None, "sequences per validation batch; null = train.micro_batch_size")
+    interval: int = 1000
+    """validate every this many steps (and at the end); 0 = only at the end"""
+    batches: int = 100
+    """validation batches of micro_batch_size sequences, in all (split over the ranks): the same
+    sequences on every world size and at every evaluation"""
+    micro_batch_size: Optional[int] = None
+    """sequences per validation batch; null = train.micro_batch_size"""
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _opt(1000, "save a checkpoint every this many steps (and at the end); 0 = only at the end")
-    keep_last: int = _opt(3, "keep the newest K checkpoints, delete older ones; 0 = keep all")
+    interval: int = 1000
+    """save a checkpoint every this many steps (and at the end); 0 = only at the end"""
+    keep_last: int = 3
+    """keep the newest K checkpoints, delete older ones (never the one the run resumed from); 0 = keep all"""
 
 
 @dataclass
 class LoggingConfig:
-    interval: int = _opt(10, "steps between console/TensorBoard lines")
-    tensorboard: bool = _opt(True, "write TensorBoard events to <out_dir>/tensorboard")
-    peak_flops: float | None = _opt(None, "peak FLOP/s of one device for MFU; null = look up the GPU by name "
-                                          "(bf16 dense); on CPU MFU is only reported when this is set")
+    interval: int = 10
+    """steps between console/TensorBoard/train_log.jsonl lines"""
+    tensorboard: bool = True
+    """write TensorBoard events to <out_dir>/tensorboard"""
+    peak_flops: Optional[float] = None
+    """peak FLOP/s of one device, for MFU; null = look the GPU up by name (bf16 dense); on CPU MFU is
+    reported only when this is set"""
 
 
 @dataclass
 class SystemConfig:
-    accelerator: Literal["auto", "cuda", "cpu"] = _opt("auto", "auto = cuda if available, else cpu")
-    strategy: Literal["auto", "fsdp", "ddp", "single"] = _opt(
-        "auto", "auto = fsdp on GPU; ddp (gloo) on CPU with several processes, else single")
-    devices: int = _opt(1, "processes (GPUs) per node")
-    num_nodes: int = _opt(1, "number of nodes")
-    precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = _opt(
-        "auto", "auto = bf16-mixed on GPU, 32-true on CPU")
-    activation_checkpointing: bool = _opt(False, "recompute each transformer Block in the backward pass "
-                                                 "(FSDP only)")
-
-
-@dataclass
-class DebugConfig:
-    nan_at_step: int = _opt(0, "testing aid: make the loss NaN at this step (0 = off); the run must stop "
-                               "without saving")
-    stop_at_step: int = _opt(0, "testing aid: act as if SIGUSR1 arrived during this step (save, exit 0); 0 = off")
+    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto = cuda if available, else cpu"""
+    strategy: Literal["auto", "fsdp", "fsdp2", "ddp", "single"] = "auto"
+    """fsdp = FSDP1 FlatParameters (use_orig_params=False), one unit per Block; fsdp2 = fully_shard per
+    Block; both also run on CPU over gloo, to try or debug a sharded run without a GPU. auto = fsdp on
+    GPU; on CPU ddp with several processes, else single (DDP is the faster choice on CPU)"""
+    devices: int = 1
+    """processes (GPUs) per node"""
+    num_nodes: int = 1
+    """number of nodes"""
+    precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = "auto"
+    """auto = bf16-mixed on GPU, 32-true on CPU"""
+    activation_checkpointing: bool = False
+    """recompute each transformer Block in the backward pass (fsdp and fsdp2)"""
+    compile: Optional[bool] = None
+    """torch.compile each transformer Block; null = true on GPU, false on CPU (where compiling takes
+    longer than short runs gain)"""
 
 
 @dataclass
 class PretrainConfig:
-    out_dir: str = _opt("out/pretrain", "run folder: step-XXXXXXXX/ checkpoints, tensorboard/, train_log.jsonl")
-    resume: str = _opt("auto", "auto = continue from the newest complete checkpoint in out_dir (start fresh "
-                               "if none); none = start fresh; or the path of a step-XXXXXXXX folder")
-    seed: int = _opt(42, "random seed, the same on every rank (weights init, data order)")
+    out_dir: str = "out/pretrain"
+    """run folder: step-XXXXXXXX/ checkpoints, tensorboard/, train_log.jsonl"""
+    resume: str = "auto"
+    """auto = continue from the newest checkpoint in out_dir that verifies (start fresh if none); none =
+    start fresh; or the path of a step-XXXXXXXX folder (newer checkpoints of out_dir are moved aside)"""
+    seed: int = 42
+    """random seed, the same on every rank (initial weights, data order)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -119,7 +160,6 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -134,114 +174,80 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names where it came from."""
 
 
-_HINTS = typing.get_type_hints(PretrainConfig)
-SECTIONS: dict[str, type] = {name: hint for name, hint in _HINTS.items() if dataclasses.is_dataclass(hint)}
-
-
-def iter_options() -> list[tuple[str, Any, dataclasses.Field]]:
-    """(dotted key, type hint, field) for every option, in the order `--help` lists them."""
+# ------------------------------------------------------------------------------------------ options
+def iter_options(cls: type = PretrainConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, type hint) of every option, in the order `--help` lists them."""
     out = []
-    for f in dataclasses.fields(PretrainConfig):
-        hint = _HINTS[f.name]
-        if dataclasses.is_dataclass(hint):
-            hints = typing.get_type_hints(hint)
-            for sub in dataclasses.fields(hint):
-                out.append((f"{f.name}.{sub.name}", hints[sub.name], sub))
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += iter_options(hints[f.name], f"{prefix}{f.name}.")
         else:
-            out.append((f.name, hint, f))
+            out.append((f"{prefix}{f.name}", hints[f.name]))
     return out
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check/convert one value against a type hint; raise ConfigError naming `where`."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args:
-            return None
-        return _coerce(value, inner[0], where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                f = None
-            if f is not None and f.is_integer():
-                return int(f)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is dict or origin is dict:
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{where}: not a YAML/JSON mapping: {e}") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    raise TypeError(f"unsupported config type {hint!r} for {where}")
+_OPTIONS = dict(iter_options())
 
 
-def apply(cfg: PretrainConfig, values: dict[str, Any], source: str) -> PretrainConfig:
-    """Set dotted keys (`train.max_steps`) or nested mappings on `cfg` in place; `source` names the origin."""
-    known = {key: (hint, f) for key, hint, f in iter_options()}
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if key in SECTIONS and isinstance(value, dict):
-            for sub, v in value.items():
-                flat[f"{key}.{sub}"] = v
-        elif key in SECTIONS:
-            raise ConfigError(f"{source}: section {key!r} must be a mapping of options, got {value!r}")
-        else:
-            flat[key] = value
-    for key, value in flat.items():
-        if key not in known:
-            section = key.split(".")[0]
-            near = [k for k in known if k.startswith(section + ".")] or [k for k in known if "." not in k]
-            raise ConfigError(f"{source}: unknown option {key!r}; options here: {', '.join(near)}")
-        hint, _ = known[key]
-        coerced = _coerce(value, hint, f"{source}: {key}")
-        obj = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            obj = getattr(obj, p)
-        setattr(obj, leaf, coerced)
+def build_parser():
+    from jsonargparse import ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog="python -m pretrain", exit_on_error=False, default_env=False,
+        description="Pretrain a Llama model with Lightning Fabric (single device, DDP, FSDP or FSDP2; FSDP also "
+                    "on CPU) and Adam-mini or AdamW. Values come from the defaults, then --config FILE, then the "
+                    "options below. Also runs under `fabric run` and SLURM (srun). SIGUSR1 saves a checkpoint and "
+                    "exits 0 (requeue), SIGTERM saves and exits 143. Exit status: see pretrain/__main__.py.")
+    parser.add_argument("--config", metavar="FILE", help="YAML file with sections like configs/demo.yaml")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_class_arguments(PretrainConfig, fail_untyped=True, sub_configs=False)
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[PretrainConfig, bool]:
+    """Returns (config, print_config_only). Raises ConfigError naming the file or option."""
+    argv = list(argv)
+    config_file, print_only = _pop(argv, "--config", True), _pop(argv, "--print_config", False) is not None
+    values = load_yaml(config_file) if config_file else {}
+    _check_keys(values, config_file or "")
+    parser = build_parser()
+    ns = _parsed(lambda: parser.parse_object(values), config_file or "config", values, [])
+    ns = _parsed(lambda: parser.parse_args(argv, namespace=ns), "command line", {}, argv)
+    cfg = parser.instantiate_classes(ns)
+    cfg = PretrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainConfig)})
+    validate(cfg)
+    return cfg, print_only
+
+
+def from_dict(values: dict[str, Any], source: str = "dict") -> PretrainConfig:
+    """A validated config from nested mappings (what a YAML file holds)."""
+    _check_keys(values, source)
+    parser = build_parser()
+    ns = _parsed(lambda: parser.parse_object(values), source, values, [])
+    cfg = parser.instantiate_classes(ns)
+    cfg = PretrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainConfig)})
+    validate(cfg)
     return cfg
+
+
+def _pop(argv: list[str], flag: str, takes_value: bool) -> str | None:
+    """Remove `flag` (and its value) from argv; returns the value ("" for a bare flag), None if absent."""
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            if not takes_value:
+                del argv[i]
+                return ""
+            if i + 1 >= len(argv):
+                raise ConfigError(f"command line: {flag} needs a value")
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            return value
+        if takes_value and arg.startswith(flag + "="):
+            del argv[i]
+            return arg.split("=", 1)[1]
+    return None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -250,8 +256,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -259,97 +265,101 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _check_keys(values: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Unknown keys and sections that are not mappings, named with their dotted key."""
+    sections = {key.rsplit(".", 1)[0] + "." for key in _OPTIONS if "." in key}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if dotted + "." in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section {dotted!r} must be a mapping of options, got {value!r}")
+            _check_keys(value, source, dotted + ".")
+        elif dotted not in _OPTIONS:
+            near = [k for k in _OPTIONS if k.startswith(prefix) and "." not in k[len(prefix):]]
+            raise ConfigError(f"{source}: unknown option {dotted!r}; options here: {', '.join(near)}")
+
+
+def _parsed(parse, source: str, values: dict, argv: list[str]):
+    """Run a jsonargparse parse; turn its (multi-line) errors into one ConfigError naming source and key."""
+    try:
+        return parse()
+    except (argparse.ArgumentError, SystemExit, ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: {_explain(str(e), values, argv)}") from None
+
+
+def _explain(message: str, values: dict, argv: list[str]) -> str:
+    unknown = re.search(r"Unrecognized arguments: (\S+)", message)
+    if unknown:
+        return f"unknown option {unknown.group(1).lstrip('-')!r}; see --help"
+    m = re.search(r'Parser key "([^"]+)"', message)
+    if m is None or m.group(1) not in _OPTIONS:
+        return " ".join(message.split())
+    key = m.group(1)
+    hint, given = _OPTIONS[key], _given(key, values, argv)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    kind = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    if typing.get_origin(kind) is Literal:
+        return f"{key}: {given!r} is not one of {', '.join(map(str, typing.get_args(kind)))}"
+    if typing.get_origin(kind) is tuple:
+        return f"{key}: expected a list of {len(typing.get_args(kind))} values, got {given!r}"
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    return f"{key}: expected {expected.get(kind, kind)}, got {given!r}"
+
+
+def _given(key: str, values: dict, argv: list[str]) -> Any:
+    for i, arg in enumerate(argv):
+        if arg == f"--{key}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{key}="):
+            return arg.split("=", 1)[1]
+    node: Any = values
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+# ----------------------------------------------------------------------------------------- checks
 def validate(cfg: PretrainConfig) -> None:
-    """Checks that need no hardware. World-size-dependent checks happen in pretrain.loop."""
+    """Every value that cannot work, named. World-size-dependent checks happen in pretrain.loop."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
-    t, o = cfg.train, cfg.optimizer
+    t, o, e = cfg.train, cfg.optimizer, cfg.eval
     need(t.max_steps is not None or t.max_tokens is not None,
          "train.max_steps and train.max_tokens are both null: set at least one")
     need(t.max_steps is None or t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}")
+    need(t.global_batch_tokens > 0, f"train.global_batch_tokens must be > 0, got {t.global_batch_tokens}")
     need(t.max_tokens is None or t.max_tokens >= t.global_batch_tokens,
          f"train.max_tokens ({t.max_tokens}) is smaller than one step (train.global_batch_tokens = "
          f"{t.global_batch_tokens})")
-    need(t.micro_batch_size > 0, "train.micro_batch_size must be > 0")
-    need(t.global_batch_tokens > 0, "train.global_batch_tokens must be > 0")
-    need(cfg.data.seq_len > 0, "data.seq_len must be > 0")
-    need(o.lr > 0 and o.min_lr >= 0, "optimizer.lr must be > 0 and optimizer.min_lr >= 0")
+    for key, value in (("train.micro_batch_size", t.micro_batch_size), ("data.seq_len", cfg.data.seq_len),
+                       ("logging.interval", cfg.logging.interval), ("system.devices", cfg.system.devices),
+                       ("system.num_nodes", cfg.system.num_nodes), ("eval.batches", e.batches)):
+        need(value > 0, f"{key} must be > 0, got {value}")
+    need(e.micro_batch_size is None or e.micro_batch_size > 0,
+         f"eval.micro_batch_size must be > 0 or null, got {e.micro_batch_size}")
+    for key, value in (("eval.interval", e.interval), ("checkpoint.interval", cfg.checkpoint.interval),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("data.num_workers", cfg.data.num_workers),
+                       ("optimizer.warmup_steps", o.warmup_steps)):
+        need(value >= 0, f"{key} must be >= 0, got {value}")
+    for key, value in (("optimizer.lr", o.lr), ("optimizer.eps", o.eps)):
+        need(math.isfinite(value) and value > 0, f"{key} must be a finite number > 0, got {value}")
+    for key, value in (("optimizer.min_lr", o.min_lr), ("optimizer.weight_decay", o.weight_decay),
+                       ("optimizer.grad_clip", o.grad_clip)):
+        need(math.isfinite(value) and value >= 0, f"{key} must be a finite number >= 0, got {value}")
     need(o.min_lr <= o.lr, f"optimizer.min_lr ({o.min_lr}) is larger than optimizer.lr ({o.lr})")
-    need(o.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
-    need(o.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 = no clipping)")
-    need(all(0 <= b < 1 for b in o.betas), f"optimizer.betas must lie in [0, 1), got {o.betas}")
-    for key in ("eval.interval", "checkpoint.interval", "checkpoint.keep_last", "eval.batches"):
-        sec, name = key.split(".")
-        need(getattr(getattr(cfg, sec), name) >= 0, f"{key} must be >= 0")
-    need(cfg.logging.interval > 0, "logging.interval must be > 0")
-    need(cfg.system.devices > 0 and cfg.system.num_nodes > 0, "system.devices and system.num_nodes must be > 0")
+    need(all(0 <= b < 1 for b in o.betas), f"optimizer.betas must lie in [0, 1), got {list(o.betas)}")
+    need(o.name == "adam_mini" or o.implementation == "auto",
+         f"optimizer.implementation={o.implementation} applies to adam_mini only; use auto with adamw")
+    need(cfg.logging.peak_flops is None or (math.isfinite(cfg.logging.peak_flops) and cfg.logging.peak_flops > 0),
+         f"logging.peak_flops must be > 0 or null, got {cfg.logging.peak_flops}")
     need(cfg.resume in ("auto", "none") or Path(cfg.resume).name.startswith("step-"),
          f"resume must be auto, none or a step-XXXXXXXX folder, got {cfg.resume!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain",
-        description="Pretrain a Llama model with Lightning Fabric (FSDP on GPUs, DDP/single device on CPU) and "
-                    "Adam-mini or AdamW. Values come from the defaults, then --config FILE, then the options "
-                    "below. Also runs under `fabric run` and SLURM (srun); SIGUSR1 saves a checkpoint and exits 0 "
-                    "(requeue), SIGTERM saves and exits 143.",
-        formatter_class=argparse.HelpFormatter,
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", metavar="FILE", help="YAML file with sections like configs/demo.yaml")
-    parser.add_argument("--print_config", action="store_true",
-                        help="print the resolved configuration as YAML and exit")
-    defaults = PretrainConfig()
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for key, hint, f in iter_options():
-        section = key.split(".")[0] if "." in key else "general"
-        if section not in groups:
-            groups[section] = parser.add_argument_group(section)
-        obj = defaults
-        for p in key.split("."):
-            obj = getattr(obj, p)
-        help_text = f.metadata.get("help")
-        if not help_text:
-            raise TypeError(f"config option {key} has no help text")
-        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else None
-        default = yaml.safe_dump(list(obj) if isinstance(obj, tuple) else obj, default_flow_style=True)
-        default = default.strip().removesuffix("...").strip()
-        groups[section].add_argument(
-            f"--{key}", dest=key, metavar=_metavar(hint), choices=choices,
-            help=f"{help_text} (default: {default})".replace("%", "%%"))
-    return parser
-
-
-def _metavar(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return None  # argparse shows the choices
-    names = {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL", dict: "MAPPING"}
-    if hint in names:
-        return names[hint]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return "[A, B]"
-    return names.get(args[0], "VALUE") if args else "VALUE"
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[PretrainConfig, bool]:
-    """Returns (config, print_config_only)."""
-    parser = build_parser()
-    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    cfg = PretrainConfig()
-    config_file = ns.pop("config", None)
-    print_only = bool(ns.pop("print_config", False))
-    if config_file:
-        apply(cfg, load_yaml(config_file), str(config_file))
-    apply(cfg, ns, "command line")
-    validate(cfg)
-    return cfg, print_only
-
-
-def from_dict(values: dict[str, Any], source: str = "dict") -> PretrainConfig:
-    cfg = apply(PretrainConfig(), values, source)
-    validate(cfg)
-    return cfg
+    try:
+        model_config = models.get_config(cfg.model.name, **cfg.model.overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.overrides: {' '.join(str(err).split())}") from None
+    need(cfg.data.seq_len <= model_config.block_size,
+         f"data.seq_len={cfg.data.seq_len} exceeds the model's block_size {model_config.block_size} "
+         f"({cfg.model.name}); raise it with --model.overrides '{{block_size: {cfg.data.seq_len}}}'")

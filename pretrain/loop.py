@@ -1,33 +1,30 @@
-"""The training loop: accumulate micro-batches to a global batch in tokens, clip, step, validate,
-log, checkpoint; resume; stop on max tokens/steps, on SIGUSR1/SIGTERM (after saving) or on a NaN/inf
-loss (without saving, so the last checkpoint is the last good state)."""
+"""The pretraining app, top to bottom: `fit` = `setup`, then `train`, which calls `train_step`, `validate`
+and `save` (pretrain/step.py, pretrain/checkpoint.py) until max tokens/steps, a stop signal (SIGUSR1 or
+SIGTERM: save, then stop) or a non-finite loss (stop without saving: the newest checkpoint stays the last
+good state)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 
 import models
-from checkpoints_util import save as ckpt
-from pretrain import batches, metrics, strategy
+from checkpoints_util import store
+from checkpoints_util.layout import remove_partial
+from pretrain import batches, metrics, resume, strategy
+from pretrain.checkpoint import DataState, ModelState, TrainState
 from pretrain.config import ConfigError, PretrainConfig
+from pretrain.lock import LockedError, RunLock
+from pretrain.logs import RunLog
 from pretrain.schedule import lr_at, set_lr
 from pretrain.signals import StopRequest
-
+from pretrain.step import NonFiniteLossError, StepResult, train_step, validate
 
 _HISTORY = 100_000  # newest per-step losses kept in Result.losses
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the run stops without saving."""
 
 
 @dataclass
@@ -62,268 +59,276 @@ def plan_steps(cfg: PretrainConfig, world_size: int) -> Steps:
     return Steps(t.global_batch_tokens // per_micro, t.global_batch_tokens, min(limits))
 
 
-def micro_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one batch `[B, T + 1]` (inputs [:, :-1], targets [:, 1:])."""
-    logits = model(batch[:, :-1])
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-
-
-def accumulate_gradients(fabric: L.Fabric, model, micro_batches, nan: bool = False) -> torch.Tensor:
-    """Forward/backward over the micro-batches of one step; returns the step's mean loss (detached).
-
-    Each micro loss is divided by the number of micro-batches, so the summed gradients equal those of
-    one batch holding all of them (all have the same token count). Gradient sync (DDP all-reduce,
-    FSDP reduce-scatter) happens on the last micro-batch only.
-    """
-    micro_batches = list(micro_batches)
-    n = len(micro_batches)
-    total = None
-    for i, batch in enumerate(micro_batches):
-        with fabric.no_backward_sync(model, enabled=i < n - 1):
-            loss = micro_loss(model, batch)
-            if nan and i == 0:
-                loss = loss * float("nan")
-            fabric.backward(loss / n)
-        value = loss.detach()
-        total = value if total is None else total + value
-    return total / n
-
-
-@torch.no_grad()
-def validate(fabric: L.Fabric, model, val_batches: list[torch.Tensor]) -> float:
-    model.eval()
-    total = torch.zeros((), device=fabric.device, dtype=torch.float64)
-    for batch in val_batches:
-        total += micro_loss(model, fabric.to_device(batch)).double()
-    model.train()
-    summed = fabric.all_reduce(torch.stack([total, torch.tensor(float(len(val_batches)), device=fabric.device,
-                                                                dtype=torch.float64)]), reduce_op="sum")
-    return float(summed[0] / summed[1])
-
-
-def resolve_resume(cfg: PretrainConfig) -> Path | None:
-    """The checkpoint to resume from (read from the filesystem only, before any process group exists)."""
-    out_dir = Path(cfg.out_dir)
-    existing = ckpt.latest_checkpoint(out_dir)
-    if cfg.resume == "none":
-        if existing is not None:
-            raise ConfigError(f"out_dir={out_dir} already holds checkpoints (newest: {existing.name}); use "
-                              f"--resume auto to continue that run, or another --out_dir")
-        return None
-    if cfg.resume == "auto":
-        return existing
-    path = Path(cfg.resume)
-    if not ckpt.is_complete(path):
-        raise ConfigError(f"resume={path}: not a complete checkpoint (a step-XXXXXXXX folder with trainer.json)")
-    return path
-
-
-class JsonlLog:
-    """`<out_dir>/train_log.jsonl`: one JSON record per logged step/validation, rank 0 only."""
-
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and keep_until_step is not None and path.is_file():
-            # a resumed run drops what the previous attempt logged after its last checkpoint
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and
-                    json.loads(ln).get("step", 0) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        elif enabled and keep_until_step is None and path.is_file():
-            path.unlink()
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+@dataclass
+class Run:
+    """Everything `setup` builds and `train` uses."""
+    cfg: PretrainConfig
+    fabric: object
+    plan: strategy.Plan
+    model_config: object
+    steps: Steps
+    model: object
+    optimizer: object
+    train_data: batches.BatchStream
+    val_data: list
+    val_sequences: int
+    state: TrainState
+    log: RunLog
+    lock: RunLock
+    resumed_from: Path | None
+    result: Result
 
 
 def fit(cfg: PretrainConfig) -> Result:
     """Train as `cfg` says. Stop signals are handled from the first line on (also during model set-up and
     checkpoint loading, which can take minutes at scale), so a SLURM USR1 never kills a starting job."""
     with StopRequest() as stop:
-        return _fit(cfg, stop)
+        run = setup(cfg)
+        try:
+            return train(run, stop)
+        finally:
+            run.log.close()
+            run.lock.release()
 
 
-def _fit(cfg: PretrainConfig, stop: StopRequest) -> Result:
+# -------------------------------------------------------------------------------------------- setup
+def setup(cfg: PretrainConfig) -> Run:
     torch.set_flush_denormal(True)  # denormals made some CPU steps take seconds
     p = strategy.plan(cfg)
     model_config = models.get_config(cfg.model.name, **cfg.model.overrides)
-    if cfg.data.seq_len > model_config.block_size:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's block_size "
-                          f"{model_config.block_size} ({cfg.model.name})")
-    resume_path = resolve_resume(cfg)
-    resume_step = ckpt.read_trainer_state(resume_path)["step"] if resume_path else None
-    out_dir = Path(cfg.out_dir)
-
-    fabric = strategy.build_fabric(cfg, p, model_config, tb_purge_step=None if resume_step is None else resume_step + 1)
+    fabric = strategy.build_fabric(cfg, p, model_config)
     fabric.launch()
+    lock = _claim_out_dir(fabric, Path(cfg.out_dir))
     steps = plan_steps(cfg, fabric.world_size)
-    if fabric.global_rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial(out_dir)
-    fabric.seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+    resumed_from = resume.choose(cfg, fabric.print, fabric.global_rank, fabric.barrier)
 
-    model = strategy.setup_model(fabric, p, model_config)
-    from optim.build import build_optimizer, optimizer_state_bytes
+    model = strategy.setup_model(fabric, p, model_config, cfg.seed)
+    optimizer = fabric.setup_optimizers(_build_optimizer(cfg, model, model_config))
+    vocab = model_config.padded_vocab_size
+    train_data = batches.BatchStream(cfg, fabric.global_rank, fabric.world_size, vocab)
+    val_data, val_sequences = batches.validation_batches(cfg, fabric.global_rank, fabric.world_size, vocab,
+                                                         fabric.print)
+    state = TrainState()
+    if resumed_from is not None:
+        _load(fabric, resumed_from, model, optimizer, train_data, state, model_config)
+        fabric.print(f"resumed from {resumed_from} at step {state.step} ({state.tokens_seen:,} tokens)")
+    elif cfg.resume == "auto":
+        fabric.print(f"no checkpoint in {cfg.out_dir}: starting fresh")
+    log = RunLog(fabric, Path(cfg.out_dir), steps.total, None if resumed_from is None else state.step,
+                 cfg.logging.tensorboard)
+    _print_start(fabric, cfg, p, model_config, steps, optimizer)
+    return Run(cfg, fabric, p, model_config, steps, model, optimizer, train_data, val_data, val_sequences, state,
+               log, lock, resumed_from, Result(step=state.step, tokens_seen=state.tokens_seen,
+                                               tensorboard_dir=log.tensorboard_dir))
+
+
+def _claim_out_dir(fabric, out_dir: Path) -> RunLock:
+    """Rank 0 creates out_dir, locks it and removes partial checkpoints; every rank learns the outcome."""
+    lock, problem = RunLock(out_dir), None
+    if fabric.global_rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            warning = lock.acquire()
+            if warning:
+                fabric.print(f"warning: {warning}")
+            remove_partial(out_dir)
+        except LockedError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = f"{out_dir}: cannot use it as out_dir ({e.strerror or e})"
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        lock.release()
+        raise ConfigError(problem)
+    return lock
+
+
+def _build_optimizer(cfg: PretrainConfig, model, model_config):
+    from optim.build import build_optimizer
 
     o = cfg.optimizer
-    optimizer = build_optimizer(strategy.optimizer_target(model), model_config, o.name, lr=o.lr,
-                                betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    optimizer_name = o.name + (f" [{optimizer.implementation}]" if hasattr(optimizer, "implementation") else "")
-    optimizer = fabric.setup_optimizers(optimizer)
+    extra = {}
+    if o.name == "adam_mini":
+        extra = dict(implementation=o.implementation, **dataclasses.asdict(o.adam_mini))
+        extra = {}  # MERGE-TODO: optim-work adds these options
+    return build_optimizer(strategy.optimizer_target(model), model_config, o.name, lr=o.lr, betas=tuple(o.betas),
+                           eps=o.eps, weight_decay=o.weight_decay, **extra)
 
-    rank, world = fabric.global_rank, fabric.world_size
-    train_loader = batches.make_loader(cfg, "train", cfg.train.micro_batch_size, rank, world, shuffle=True)
-    data_vocab = getattr(train_loader, "vocab_size", None)
-    if data_vocab is not None and data_vocab > model_config.padded_vocab_size:
-        raise ConfigError(f"data.dir={cfg.data.dir} was tokenised with a {data_vocab:,}-piece vocabulary, but model "
-                          f"{cfg.model.name} has {model_config.padded_vocab_size:,} embeddings; set "
-                          f"--model.overrides '{{vocab_size: {data_vocab}}}'")
-    train = batches.BatchStream(train_loader, model_config.padded_vocab_size, cfg.data.seq_len)
-    val_batches = load_val_batches(fabric, cfg, rank, world)
 
-    step, tokens_seen = 0, 0
-    if resume_path is not None:
-        trainer = ckpt.load_checkpoint(fabric, resume_path, {"model": model, "optimizer": optimizer, "loader": train,
-                                                             "model_config": dataclasses.asdict(model_config)})
-        step, tokens_seen = int(trainer["step"]), int(trainer["tokens_seen"])
-        fabric.print(f"resumed from {resume_path} at step {step} ({tokens_seen:,} tokens)")
-    elif cfg.resume == "auto":
-        fabric.print(f"no checkpoint in {out_dir}: starting fresh")
+def _checkpoint_state(model, optimizer, data, state: TrainState) -> dict:
+    """The checkpoint's Stateful entries (see pretrain/checkpoint.py)."""
+    from optim.state import OptimizerState
 
-    n_params = models.count_params(model_config)
-    flops_tok = models.flops_per_token(model_config, cfg.data.seq_len)
-    peak = metrics.peak_flops(fabric.device, cfg.logging.peak_flops)
-    fabric.print(f"model {cfg.model.name}: {n_params:,} parameters, {flops_tok:.3g} training FLOPs/token | "
-                 f"{p.strategy} x {world} {p.accelerator} ({p.precision}) | optimizer {optimizer_name} | "
-                 f"{steps.total} steps x {steps.tokens_per_step:,} tokens ({steps.micro_batches} micro-batches "
-                 f"of {cfg.train.micro_batch_size} x {cfg.data.seq_len} per rank)")
-    if peak is None and p.accelerator == "cuda":
+    return {"model": ModelState(strategy.state_dict_module(model)), "optimizer": OptimizerState(optimizer.optimizer),
+            "data": DataState(data), "trainer": state}
+
+
+def _load(fabric, path: Path, model, optimizer, data, state: TrainState, model_config) -> None:
+    import yaml
+
+    from checkpoints_util.layout import MODEL_CONFIG_FILE, CheckpointError
+
+    saved = yaml.safe_load((path / MODEL_CONFIG_FILE).read_text())
+    now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(model_config)))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise CheckpointError(f"{path / MODEL_CONFIG_FILE}: the checkpoint's model differs from this run's in "
+                              + ", ".join(f"{k} ({saved.get(k)!r} vs {now.get(k)!r})" for k in diff[:5]))
+    store.load_checkpoint(path, _checkpoint_state(model, optimizer, data, state), verify_files=False)
+
+
+def _print_start(fabric, cfg, p, model_config, steps: Steps, optimizer) -> None:
+    impl = getattr(optimizer.optimizer, "implementation", None)
+    name = cfg.optimizer.name + (f" [{impl}]" if impl else "")
+    fabric.print(f"model {cfg.model.name}: {models.count_params(model_config):,} parameters, "
+                 f"{models.flops_per_token(model_config, cfg.data.seq_len):.3g} training FLOPs/token | "
+                 f"{p.describe()} | optimizer {name} | {steps.total} steps x {steps.tokens_per_step:,} tokens "
+                 f"({steps.micro_batches} micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_len} per "
+                 f"rank)")
+    if metrics.peak_flops(fabric.device, cfg.logging.peak_flops) is None and p.accelerator == "cuda":
         fabric.print("MFU not reported: unknown GPU peak FLOP/s; set logging.peak_flops")
 
-    result = Result(step=step, tokens_seen=tokens_seen)
-    tb_dir = out_dir / "tensorboard" if cfg.logging.tensorboard else None
-    result.tensorboard_dir = tb_dir
-    log = JsonlLog(out_dir / "train_log.jsonl", rank == 0, resume_step)
-    if step >= steps.total:
-        fabric.print(f"nothing to do: the run is already at step {step} of {steps.total}")
-        result.last_checkpoint = resume_path
+
+# -------------------------------------------------------------------------------------------- train
+def train(run: Run, stop: StopRequest) -> Result:
+    fabric, cfg, state, result = run.fabric, run.cfg, run.state, run.result
+    if state.step >= run.steps.total:
+        fabric.print(f"nothing to do: the run is already at step {state.step} of {run.steps.total}")
+        result.last_checkpoint = run.resumed_from
         return result
-
-    def save(reason: str) -> Path:
-        state = {"model": model, "optimizer": optimizer, "loader": train,
-                 "trainer": {"tokens_seen": tokens_seen, "model_name": cfg.model.name, "optimizer": o.name,
-                             "precision": p.precision, "loss": result.losses.get(step),
-                             "val_loss": result.val_losses.get(step), "reason": reason},
-                 "config": cfg.to_dict(), "model_config": dataclasses.asdict(model_config)}
-        t0 = time.perf_counter()
-        path = ckpt.save_checkpoint(fabric, out_dir, step, state, keep_last=cfg.checkpoint.keep_last)
-        fabric.print(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
-        result.last_checkpoint = path
-        return path
-
     thr = metrics.Throughput()
-    window_losses: list[float] = []
-    saved_at = step if resume_path is not None else None
-    first_step = step + 1  # always logged: the console shows at once that training runs
-    stop_now = False
-    while step < steps.total:
-        lr = lr_at(step + 1, o.lr, o.min_lr, o.warmup_steps, steps.total)
-        set_lr(optimizer, lr)
-        thr.start_step()
-        micro = [fabric.to_device(train.next()) for _ in range(steps.micro_batches)]
-        loss = accumulate_gradients(fabric, model, micro, nan=cfg.debug.nan_at_step == step + 1)
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=o.grad_clip or math.inf,
-                                          error_if_nonfinite=False)
-        # One small all-reduce per step: the global mean loss and grad norm, and which stop signals
-        # any rank has received (so that all ranks stop after the same step, with the same exit code).
-        usr1 = stop.signum == signal.SIGUSR1 or cfg.debug.stop_at_step == step + 1
-        term = stop.signum == signal.SIGTERM
-        agreed = fabric.all_reduce(torch.tensor([float(loss), float(grad_norm), float(usr1), float(term)],
-                                                device=fabric.device, dtype=torch.float64),
-                                   reduce_op="sum").tolist()
-        loss_v, norm_v = agreed[0] / world, agreed[1] / world
-        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-            last = ckpt.latest_checkpoint(out_dir)
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {step + 1} (loss {loss_v}, grad norm {norm_v}, lr {lr:.3g}); "
-                f"stopped without updating the weights or saving. The newest checkpoint is "
-                f"{last or 'none'}; resume from it with a lower optimizer.lr (or check the data).")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += steps.tokens_per_step
-        thr.end_step(steps.tokens_per_step)
-        result.losses[step] = loss_v
-        if len(result.losses) > _HISTORY:  # bounded memory on million-step runs
-            del result.losses[next(iter(result.losses))]
-        window_losses.append(loss_v)
-        stop_now = agreed[2] > 0 or agreed[3] > 0
-        stop_signal = signal.SIGTERM if agreed[3] > 0 else signal.SIGUSR1
-
-        if step % cfg.logging.interval == 0 or step == steps.total or stop_now or step == first_step:
-            tps, sps = thr.report()
-            rec = {"step": step, "loss": sum(window_losses) / len(window_losses), "lr": lr,
-                   "grad_norm": norm_v, "tokens_seen": tokens_seen, "tokens_per_s": tps,
-                   "tokens_per_s_per_device": tps / world, "s_per_step": sps,
-                   "max_memory_bytes": metrics.max_memory_bytes(fabric.device),
-                   "optimizer_state_bytes": optimizer_state_bytes(optimizer.optimizer)}
-            m = metrics.mfu(flops_tok, tps, peak, world)
-            if m is not None:
-                rec["mfu"] = m
-            window_losses.clear()
-            log.write(rec)
-            fabric.log_dict({"train/loss": rec["loss"], "train/lr": lr, "train/grad_norm": norm_v,
-                             "train/tokens_seen": tokens_seen, "perf/tokens_per_s": tps,
-                             "perf/tokens_per_s_per_device": tps / world, "perf/s_per_step": sps,
-                             "perf/max_memory_gib": rec["max_memory_bytes"] / 2**30,
-                             "perf/optimizer_state_gib": rec["optimizer_state_bytes"] / 2**30,
-                             **({"perf/mfu": m} if m is not None else {})}, step=step)
-            eta = (steps.total - step) * thr.mean_step_seconds()
-            fabric.print(f"step {step:>6}/{steps.total} | loss {rec['loss']:.4f} | lr {lr:.2e} | "
-                         f"gnorm {norm_v:.3f} | {metrics.human(tps)} tok/s ({metrics.human(tps / world)}/dev) | "
-                         + (f"MFU {m:.1%} | " if m is not None else "")
-                         + f"{sps:.2f} s/step | mem {rec['max_memory_bytes'] / 2**30:.2f} GiB | "
-                         f"ETA {metrics.duration(eta)}")
-
-        if step == steps.total or (cfg.eval.interval and step % cfg.eval.interval == 0):
-            val = validate(fabric, model, val_batches)
-            result.val_losses[step] = val
-            log.write({"step": step, "val_loss": val})
-            fabric.log_dict({"val/loss": val}, step=step)
-            fabric.print(f"step {step:>6}/{steps.total} | val loss {val:.4f} ({len(val_batches)} batches/rank)")
-
-        if stop_now or step == steps.total or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-            if saved_at != step:
-                save("signal" if stop_now else ("end" if step == steps.total else "interval"))
-                saved_at = step
-        if stop_now:
-            break
-
-    result.step, result.tokens_seen = step, tokens_seen
-    if stop_now:
-        result.stopped_by = signal.Signals(stop_signal).name
-        result.exit_code = 0 if stop_signal == signal.SIGUSR1 else 128 + int(stop_signal)
-        fabric.print(f"stopped by {result.stopped_by} after step {step}; checkpoint {result.last_checkpoint}")
-    else:
-        fabric.print(f"done: {step} steps, {tokens_seen:,} tokens, {metrics.duration(thr.total_seconds)} training "
-                     f"time; last checkpoint {result.last_checkpoint}")
-    if tb_dir is not None:
-        fabric.print(f"TensorBoard logs: {tb_dir}  (tensorboard --logdir {tb_dir})")
-    for logger in fabric.loggers:
-        logger.finalize("success")
+    window: list[float] = []
+    saved_at = state.step if run.resumed_from is not None else None
+    first = state.step + 1  # always logged: the console shows at once that training runs
+    while state.step < run.steps.total:
+        lr, out = _one_step(run, thr)
+        window.append(out.loss)
+        stop_signal = _agreed_stop(fabric, stop)
+        last = state.step == run.steps.total
+        if state.step % cfg.logging.interval == 0 or last or stop_signal or state.step == first:
+            run.log.log(_train_record(run, lr, out.grad_norm, window, thr))
+            window.clear()
+        if last or (cfg.eval.interval and state.step % cfg.eval.interval == 0):
+            result.val_losses[state.step] = validate(fabric, run.model, run.val_data)
+            run.log.log({"step": state.step, "val_loss": result.val_losses[state.step],
+                         "val_sequences": run.val_sequences})
+        if (stop_signal or last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0)) \
+                and saved_at != state.step:
+            save(run, "signal" if stop_signal else ("end" if last else "interval"))
+            saved_at = state.step
+        if stop_signal:
+            return _stopped(run, stop_signal)
+    fabric.print(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {metrics.duration(thr.total_seconds)} "
+                 f"training time; last checkpoint {result.last_checkpoint}")
+    _print_tensorboard(run)
     return result
 
 
-def load_val_batches(fabric: L.Fabric, cfg: PretrainConfig, rank: int, world: int) -> list[torch.Tensor]:
-    """The fixed validation batches of this rank (the same count on all ranks: they come from one schedule)."""
-    bs = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
-    loader = batches.make_loader(cfg, "val", bs, rank, world, shuffle=False)
-    n = cfg.eval.batches
-    if n > loader.steps_per_epoch:
-        fabric.print(f"eval.batches={n} but the val split holds {loader.steps_per_epoch} batches of {bs} x "
-                     f"{cfg.data.seq_len} per rank: using {loader.steps_per_epoch}")
-        n = loader.steps_per_epoch
-    return batches.take_batches(loader, n)
+def _one_step(run: Run, thr: metrics.Throughput) -> tuple[float, StepResult]:
+    """One optimizer step with the scheduled learning rate; records the loss. Returns the lr and the result."""
+    cfg, state, result = run.cfg, run.state, run.result
+    o = cfg.optimizer
+    lr = lr_at(state.step + 1, o.lr, o.min_lr, o.warmup_steps, run.steps.total)
+    set_lr(run.optimizer, lr)
+    thr.start_step()
+    micro = [run.fabric.to_device(run.train_data.next()) for _ in range(run.steps.micro_batches)]
+    try:
+        out = train_step(run.fabric, run.model, run.optimizer, micro, o.grad_clip)
+    except NonFiniteLossError as e:
+        from checkpoints_util.layout import latest_checkpoint
+
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {state.step + 1} ({e}, lr {lr:.3g}); stopped without updating the "
+            f"weights or saving. The newest checkpoint is {latest_checkpoint(cfg.out_dir) or 'none'}; resume from "
+            f"it with a lower optimizer.lr (or check the data).") from None
+    state.step += 1
+    state.tokens_seen += run.steps.tokens_per_step
+    thr.end_step(run.steps.tokens_per_step)
+    result.step, result.tokens_seen = state.step, state.tokens_seen
+    result.losses[state.step] = out.loss
+    if len(result.losses) > _HISTORY:  # bounded memory on million-step runs
+        del result.losses[next(iter(result.losses))]
+    return lr, out
+
+
+def _agreed_stop(fabric, stop: StopRequest) -> int | None:
+    """The stop signal any rank received (SIGTERM wins over SIGUSR1), the same on every rank: one tiny
+    all-reduce per step, so that all ranks save after the same step and exit with the same code."""
+    flags = torch.tensor([stop.signum == signal.SIGUSR1, stop.signum == signal.SIGTERM], dtype=torch.float64,
+                         device=fabric.device)
+    usr1, term = fabric.all_reduce(flags, reduce_op="sum").tolist()
+    return signal.SIGTERM if term else (signal.SIGUSR1 if usr1 else None)
+
+
+def _train_record(run: Run, lr: float, grad_norm: float, window: list[float], thr: metrics.Throughput) -> dict:
+    """The training record of the logging window that ends at this step (loss: the window's mean)."""
+    fabric, state = run.fabric, run.state
+    tps, sps = thr.report()
+    rec = {"step": state.step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
+           "tokens_seen": state.tokens_seen, "tokens_per_s": tps, "tokens_per_s_per_device": tps / fabric.world_size,
+           "s_per_step": sps, "max_memory_bytes": metrics.max_memory_bytes(fabric.device),
+           "optimizer_state_bytes": _optimizer_state_bytes(run.optimizer),
+           "eta_s": (run.steps.total - state.step) * thr.mean_step_seconds()}
+    peak = metrics.peak_flops(fabric.device, run.cfg.logging.peak_flops)
+    mfu = metrics.mfu(models.flops_per_token(run.model_config, run.cfg.data.seq_len), tps, peak, fabric.world_size)
+    if mfu is not None:
+        rec["mfu"] = mfu
+    return rec
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    from optim.build import optimizer_state_bytes
+
+    return optimizer_state_bytes(optimizer.optimizer)
+
+
+def save(run: Run, reason: str) -> Path:
+    """Write the checkpoint of the current step (collective); keep-last never deletes the checkpoint just
+    written or the one this run resumed from."""
+    fabric, state, result, cfg = run.fabric, run.state, run.result, run.cfg
+    _check_finite_weights(run)
+    impl = getattr(run.optimizer.optimizer, "implementation", None)
+    meta = {"trainer": {"tokens_seen": state.tokens_seen, "world_size": fabric.world_size,
+                        "strategy": run.plan.strategy, "precision": run.plan.precision, "optimizer": cfg.optimizer.name,
+                        "optimizer_implementation": impl, "model_name": cfg.model.name,
+                        "loss": result.losses.get(state.step), "val_loss": result.val_losses.get(state.step),
+                        "reason": reason},
+            "config": cfg.to_dict(), "model_config": dataclasses.asdict(run.model_config)}
+    t0 = time.perf_counter()
+    path = store.save_checkpoint(Path(cfg.out_dir), state.step,
+                                 _checkpoint_state(run.model, run.optimizer, run.train_data, state), meta)
+    if fabric.global_rank == 0:
+        store.prune(Path(cfg.out_dir), cfg.checkpoint.keep_last, {path, *([run.resumed_from] if run.resumed_from
+                                                                         else [])})
+    fabric.barrier()
+    fabric.print(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+    result.last_checkpoint = path
+    return path
+
+
+def _check_finite_weights(run: Run) -> None:
+    """Never write NaN/inf weights into a checkpoint (they would be resumed from)."""
+    bad = torch.tensor(float(not all(torch.isfinite(p.detach()).all() for p in run.model.parameters())),
+                       device=run.fabric.device)
+    if run.fabric.all_reduce(bad, reduce_op="sum").item():
+        from checkpoints_util.layout import latest_checkpoint
+
+        raise NonFiniteLossError(f"non-finite weights after step {run.state.step}: not saved. The newest checkpoint "
+                                 f"is {latest_checkpoint(run.cfg.out_dir) or 'none'}; resume from it with a lower "
+                                 f"optimizer.lr (or check the data).")
+
+
+def _stopped(run: Run, signum: int) -> Result:
+    result = run.result
+    result.stopped_by = signal.Signals(signum).name
+    result.exit_code = 0 if signum == signal.SIGUSR1 else 128 + int(signum)
+    run.fabric.print(f"stopped by {result.stopped_by} after step {run.state.step}; checkpoint "
+                     f"{result.last_checkpoint}")
+    _print_tensorboard(run)
+    return result
+
+
+def _print_tensorboard(run: Run) -> None:
+    if run.log.tensorboard_dir is not None:
+        run.fabric.print(f"TensorBoard logs: {run.log.tensorboard_dir}  (tensorboard --logdir "
+                         f"{run.log.tensorboard_dir})")

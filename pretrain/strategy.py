@@ -1,23 +1,26 @@
-"""Fabric, strategy and precision for the hardware at hand; the model built, initialised and set up.
+"""Fabric, strategy and precision for the hardware at hand; the model built, initialised, compiled and wrapped.
 
-GPU: Fabric `FSDPStrategy(use_orig_params=False)` so Adam-mini sees FSDP's flat parameters, one FSDP unit
-per litgpt `Block`, optional activation checkpointing per `Block`, sharded state dicts, bf16-mixed.
-CPU: Lightning's FSDPStrategy refuses CPU, so one process (single device) or DDP over gloo.
-The model is created on the meta device (FSDP) or uninitialised (others) and initialised like TinyLlama
-(`models.init_weights`), with the same seed on every rank.
+- `fsdp`: Fabric's `FSDPStrategy(use_orig_params=False)` (Adam-mini sees FSDP1's flat parameters), one unit
+  per litgpt `Block`; on CPU through `pretrain.cpu_fsdp.CPUFSDPStrategy` (gloo). The model is created on
+  the meta device and each unit is materialised and initialised by `param_init_fn` before sharding.
+- `fsdp2`: Fabric's `ModelParallelStrategy` with `fully_shard` on every `Block` and on the root (DTensor
+  `Shard(0)` parameters); bf16-mixed is FSDP2's `MixedPrecisionPolicy` (bf16 parameters in forward and
+  backward, fp32 gradient reduction). Each Block is materialised, initialised and sharded in turn.
+- `ddp` / `single`: DDP over NCCL or gloo, or one process.
+Initial weights are the same for every strategy and world size (`models.init`: one generator per parameter).
+`system.compile` compiles each `Block` (`Block.compile()`, in place, so parameter names do not change);
+`system.activation_checkpointing` recomputes each `Block` in the backward pass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.fabric.loggers import TensorBoardLogger
-from lightning.fabric.strategies import DDPStrategy, FSDPStrategy
 from litgpt import Config
 from litgpt.model import GPT, Block
+from torch import nn
 
 import models
 from pretrain.config import ConfigError, PretrainConfig
@@ -25,10 +28,17 @@ from pretrain.config import ConfigError, PretrainConfig
 
 @dataclass(frozen=True)
 class Plan:
-    accelerator: str  # "cuda" | "cpu"
-    strategy: str     # "fsdp" | "ddp" | "single"
+    accelerator: str               # "cuda" | "cpu"
+    strategy: str                  # "fsdp" | "fsdp2" | "ddp" | "single"
     precision: str
     world_size: int
+    compile: bool
+    activation_checkpointing: bool
+
+    def describe(self) -> str:
+        extras = [x for x, on in (("compiled", self.compile), ("activation checkpointing",
+                                                               self.activation_checkpointing)) if on]
+        return f"{self.strategy} x {self.world_size} {self.accelerator} ({', '.join([self.precision, *extras])})"
 
 
 def plan(cfg: PretrainConfig) -> Plan:
@@ -42,79 +52,139 @@ def plan(cfg: PretrainConfig) -> Plan:
     world = s.devices * s.num_nodes
     strategy = s.strategy
     if strategy == "auto":
+        # On CPU, DDP runs the same math as FSDP at less cost (no all-gathers); fsdp/fsdp2 are there to try.
         strategy = "fsdp" if accelerator == "cuda" else ("ddp" if world > 1 else "single")
-    if strategy == "fsdp" and accelerator == "cpu":
-        raise ConfigError("system.strategy=fsdp needs GPUs (Lightning's FSDPStrategy refuses CPU); "
-                          "use system.strategy=ddp or single on CPU")
     if strategy == "single" and world != 1:
         raise ConfigError(f"system.strategy=single runs one process, but devices x num_nodes = {world}")
-    if s.activation_checkpointing and strategy != "fsdp":
-        raise ConfigError("system.activation_checkpointing is implemented for strategy=fsdp only")
     precision = s.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "cuda" else "32-true"
-    return Plan(accelerator, strategy, precision, world)
+    compile_ = accelerator == "cuda" if s.compile is None else s.compile
+    return Plan(accelerator, strategy, precision, world, compile_, s.activation_checkpointing)
 
 
-def fsdp_param_init_fn(module: torch.nn.Module, n_layer: int, n_embd: int) -> None:
-    """FSDP `param_init_fn`: materialise one module's own tensors on this GPU (CPU in tests) and initialise them.
-
-    FSDP calls it for every module of a unit that still has meta tensors, before sharding. The root
-    GPT's own tensors are the RoPE cos/sin buffers, recomputed by `GPT.reset_parameters`.
-    """
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    module.to_empty(device=device, recurse=False)
-    models.init_weights(module, n_layer, n_embd)
-    if isinstance(module, GPT):
-        module.reset_parameters()
-
-
-def build_fabric(cfg: PretrainConfig, p: Plan, model_config: Config, tb_purge_step: int | None) -> L.Fabric:
+def build_fabric(cfg: PretrainConfig, p: Plan, model_config: Config) -> L.Fabric:
+    precision = p.precision
     if p.strategy == "fsdp":
-        strategy = FSDPStrategy(
-            auto_wrap_policy={Block},
-            activation_checkpointing_policy={Block} if cfg.system.activation_checkpointing else None,
-            state_dict_type="sharded",
-            sharding_strategy="FULL_SHARD",
-            use_orig_params=False,  # Adam-mini works on FSDP1 FlatParameters (optim/flat.py)
-            limit_all_gathers=True,
-            param_init_fn=partial(fsdp_param_init_fn, n_layer=model_config.n_layer, n_embd=model_config.n_embd),
-        )
+        strategy = _fsdp1_strategy(cfg, p, model_config)
+    elif p.strategy == "fsdp2":
+        strategy = _fsdp2_strategy(cfg, p, model_config)
+        if precision == "bf16-mixed":
+            precision = "32-true"  # FSDP2's MixedPrecisionPolicy casts; no autocast on top
     elif p.strategy == "ddp":
+        from lightning.fabric.strategies import DDPStrategy
+
         strategy = DDPStrategy(process_group_backend="nccl" if p.accelerator == "cuda" else "gloo")
     else:
         strategy = "auto"
-    loggers = []
-    if cfg.logging.tensorboard:
-        kwargs = {"purge_step": tb_purge_step} if tb_purge_step else {}
-        # One event folder per out_dir: a resumed run continues the same curves; purge_step drops the
-        # events a crashed run wrote after its last checkpoint.
-        loggers.append(TensorBoardLogger(root_dir=Path(cfg.out_dir), name="tensorboard", version="",
-                                         default_hp_metric=False, **kwargs))
     return L.Fabric(accelerator=p.accelerator, strategy=strategy, devices=cfg.system.devices,
-                    num_nodes=cfg.system.num_nodes, precision=p.precision, loggers=loggers)
+                    num_nodes=cfg.system.num_nodes, precision=precision)
 
 
-def setup_model(fabric: L.Fabric, p: Plan, model_config: Config):
-    """Build, initialise and wrap the model. Returns the Fabric module."""
+def _fsdp1_strategy(cfg: PretrainConfig, p: Plan, model_config: Config):
+    from lightning.fabric.strategies import FSDPStrategy
+
+    from pretrain.cpu_fsdp import CPUFSDPStrategy
+
+    cls = FSDPStrategy if p.accelerator == "cuda" else CPUFSDPStrategy
+    return cls(
+        auto_wrap_policy={Block},
+        activation_checkpointing_policy={Block} if p.activation_checkpointing else None,
+        state_dict_type="sharded",
+        sharding_strategy="FULL_SHARD",
+        use_orig_params=False,  # Adam-mini works on FSDP1 FlatParameters (optim/flat.py)
+        limit_all_gathers=True,
+        param_init_fn=partial(materialize, model_config=model_config, seed=cfg.seed, recurse=False),
+    )
+
+
+def _fsdp2_strategy(cfg: PretrainConfig, p: Plan, model_config: Config):
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(
+        parallelize_fn=partial(_fsdp2_parallelize, p=p, model_config=model_config, seed=cfg.seed),
+        data_parallel_size=p.world_size, tensor_parallel_size=1,
+        process_group_backend="nccl" if p.accelerator == "cuda" else "gloo")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def materialize(module: nn.Module, model_config: Config, seed: int, recurse: bool = True) -> None:
+    """Move a meta module's own tensors (and its children's, if `recurse`) to this device and initialise them."""
+    for m in module.modules() if recurse else [module]:
+        if any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]):
+            m.to_empty(device=_device(), recurse=False)
+            models.init_weights(m, model_config.n_layer, model_config.n_embd, seed)
+        if isinstance(m, GPT):
+            m.reset_parameters()  # the RoPE cos/sin buffers
+
+
+def _fsdp2_parallelize(model: GPT, mesh, p: Plan, model_config: Config, seed: int) -> GPT:
+    """`ModelParallelStrategy`'s parallelize_fn: per Block materialise, initialise, (checkpoint, compile,) shard."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dp_mesh = mesh["data_parallel"]
+    policy = MixedPrecisionPolicy()
+    if p.precision == "bf16-mixed":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        materialize(block, model_config, seed)
+    wrap_blocks(model, p)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    in_blocks = {id(m) for block in model.transformer.h for m in block.modules()}
+    for m in model.modules():
+        if id(m) not in in_blocks:
+            materialize(m, model_config, seed, recurse=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+    return model
+
+
+def wrap_blocks(model: GPT, p: Plan) -> None:
+    """Activation checkpointing (a wrapper around each Block) and/or `Block.compile()`, in place.
+
+    (FSDP1's activation checkpointing is Lightning's, applied after wrapping: only compile here.)"""
+    if p.activation_checkpointing and p.strategy != "fsdp":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.transformer.h):
+            model.transformer.h[i] = checkpoint_wrapper(block)
+    if p.compile:
+        for block in model.transformer.h:
+            block.compile()
+
+
+def setup_model(fabric: L.Fabric, p: Plan, model_config: Config, seed: int):
+    """Build, initialise (same weights on every strategy) and wrap the model. Returns the Fabric module."""
     with fabric.init_module(empty_init=True):
         model = GPT(model_config)
-    models.mark_residual_projections(model)
-    if p.strategy != "fsdp":
-        # Not meta: `empty_init` left the parameters uninitialised on the device.
-        models.init_model(model, model_config.n_layer, model_config.n_embd)
-    # FSDP: the module is on the meta device; FSDP materialises and initialises it unit by unit through
-    # fsdp_param_init_fn (given to FSDPStrategy) before sharding.
+    models.mark_for_init(model)
+    if p.strategy == "fsdp":
+        # meta device: FSDP materialises and initialises each unit through param_init_fn before sharding
+        wrap_blocks(model, p)
+    elif p.strategy != "fsdp2":
+        # not meta: `empty_init` left the parameters uninitialised on the device
+        models.init_model(model, model_config.n_layer, model_config.n_embd, seed)
+        wrap_blocks(model, p)
+    # fsdp2: _fsdp2_parallelize (ModelParallelStrategy's parallelize_fn) does all of it, Block by Block
     return fabric.setup_module(model)
 
 
-def optimizer_target(fabric_module) -> torch.nn.Module:
+def optimizer_target(fabric_module) -> nn.Module:
     """The module whose parameters the optimizer must own.
 
-    FSDP: the FSDP root (its FlatParameters; the original GPT no longer holds them with
-    use_orig_params=False). Otherwise: the plain GPT, whose parameter names carry no wrapper prefix.
+    FSDP1: the FSDP root (its FlatParameters; the original GPT no longer holds them with
+    use_orig_params=False). Otherwise: the plain GPT (DTensors under FSDP2), whose parameter names carry no
+    wrapper prefix.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     forward = fabric_module._forward_module
     return forward if isinstance(forward, FSDP) else fabric_module.module
+
+
+def state_dict_module(fabric_module) -> nn.Module:
+    """The module whose state dict is saved: torch's `get_model_state_dict` names it by original FQNs."""
+    return fabric_module._forward_module

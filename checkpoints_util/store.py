@@ -1,0 +1,304 @@
+"""Write, verify and read training checkpoints: one torch.distributed.checkpoint (DCP) folder per step.
+
+One format for every strategy (single device, DDP, FSDP1, FSDP2) and any world size, torchtitan's way:
+everything the run needs to continue is a `Stateful` entry of one DCP save, and DCP reshards on load.
+
+    step-00001000/
+      .metadata, __0_0.distcp, __1_0.distcp, ...   the DCP folder: "model" (parameters by original name),
+                        "optimizer" (state by original parameter name, optim/state.py), "data" (the global
+                        data position), "trainer" (step, tokens seen); tensors only, no pickled objects
+      config.yaml         the resolved PretrainConfig of the run that wrote it
+      model_config.yaml   the litgpt.Config fields (litgpt's model_config.yaml format)
+      trainer.json        written last; its presence marks a complete checkpoint: format, step, tokens,
+                          world size, strategy, optimizer, losses, and the sha256 and size of every file
+
+Writing is atomic: everything goes to `.tmp-step-XXXXXXXX/`; the weights are checked to be finite first
+(a NaN never reaches a checkpoint); after DCP's save each rank hashes the files it wrote, rank 0 writes
+the YAML files and trainer.json, fsyncs, and renames the folder to `step-XXXXXXXX/`. A run killed
+mid-save leaves only a `.tmp-*` folder, which nothing reads and the next run removes.
+
+Reading verifies every file against trainer.json (the ranks share the hashing) before anything is
+loaded, and DCP's `.metadata` is unpickled with an allow-list of DCP's own metadata classes: a
+checkpoint cannot run code. Multi-node runs need out_dir on a filesystem shared by all nodes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from amp_common.quiet import quiet_checkpoint_warnings
+from amp_common.atomic import WriteError, atomic_write_json, atomic_write_text, fsync_path, fsync_tree
+from checkpoints_util.layout import (CONFIG_FILE, FORMAT, MODEL_CONFIG_FILE, TRAINER_FILE, CheckpointError,
+                                     list_checkpoints, step_dir_name, step_of)
+
+HASH_CHUNK = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _gather(obj: Any) -> list[Any]:
+    """`obj` of every rank (rank order); [obj] in a single process."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _first_error(errors: list[BaseException | None]) -> BaseException | None:
+    return next((e for e in errors if e is not None), None)
+
+
+# ------------------------------------------------------------------------------------------- checksums
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _my_files(folder: Path, rank: int) -> list[Path]:
+    """The DCP files `rank` wrote (`__<rank>_<n>.distcp`; rank 0 also `.metadata`)."""
+    mine = sorted(folder.glob(f"__{rank}_*.distcp"))
+    return mine + [folder / ".metadata"] if rank == 0 else mine
+
+
+def verify(path: Path) -> str | None:
+    """Check every file of a checkpoint against trainer.json (collective: the ranks share the files).
+
+    Returns None when all match, else one line naming the first bad file."""
+    trainer = read_trainer(path)
+    files = sorted(trainer.get("files", {}).items())
+    if not files:
+        return f"{path / TRAINER_FILE}: lists no files to verify"
+    problem = None
+    for i, (name, want) in enumerate(files):
+        if i % _world() != _rank():
+            continue
+        f = path / name
+        if not f.is_file():
+            problem = f"{f}: missing"
+        elif f.stat().st_size != want["bytes"]:
+            problem = f"{f}: {f.stat().st_size} bytes, {want['bytes']} when saved (truncated or damaged)"
+        elif file_digest(f) != want["sha256"]:
+            problem = f"{f}: sha256 differs from the one recorded at save time (damaged)"
+        if problem:
+            break
+    return next((p for p in _gather(problem) if p), None)
+
+
+# ------------------------------------------------------------------------------------------------ save
+def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write `out_dir/step-XXXXXXXX/` atomically (collective: every rank calls it, in the same order).
+
+    state: `Stateful` entries for DCP ("model", "optimizer", "data", "trainer").
+    meta: {"trainer": JSON-able dict for trainer.json, "config": dict, "model_config": dict}.
+    Raises WriteError (no space, not writable: nothing is left behind) or CheckpointError.
+    """
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    out_dir = Path(out_dir)
+    final, tmp = out_dir / step_dir_name(step), out_dir / f".tmp-{step_dir_name(step)}"
+    error: BaseException | None = None
+    try:
+        if _rank() == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+    except OSError as e:
+        error = e
+    _raise_any(error, tmp)
+    try:
+        with quiet_checkpoint_warnings():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+    except (Exception, CheckpointException) as e:  # DCP reports a failed write on every rank
+        error = e
+    _raise_any(error, tmp)
+    files = {}
+    try:
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in _my_files(tmp, _rank())}
+    except OSError as e:
+        error = e
+    everyone = _gather((files, error))
+    _raise_any(_first_error([e for _, e in everyone]), tmp)
+    if _rank() == 0:
+        try:
+            atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(meta["config"], sort_keys=False))
+            atomic_write_text(tmp / MODEL_CONFIG_FILE, yaml.safe_dump(meta["model_config"], sort_keys=False))
+            for name in (CONFIG_FILE, MODEL_CONFIG_FILE):
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_digest(tmp / name)}
+            for f, _ in everyone[1:]:
+                files.update(f)
+            fsync_tree(tmp)
+            atomic_write_json(tmp / TRAINER_FILE, {"format": FORMAT, "step": step, **meta["trainer"],
+                                                   "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                   "files": dict(sorted(files.items()))}, indent=2)
+            _publish(tmp, final)
+        except OSError as e:
+            error = e
+    _raise_any(_gather(error)[0], tmp)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished folder into place (replacing a checkpoint of the same step)."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    fsync_path(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _raise_any(error: BaseException | None, tmp: Path) -> None:
+    """Collective: if any rank failed, every rank raises (rank 0 removes the partial folder first)."""
+    errors = _gather(None if error is None else _describe(error, tmp))
+    message = next((e for e in errors if e), None)
+    if message is None:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kind, text = message
+    raise (WriteError if kind == "disk" else CheckpointError)(text)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The exception a rank raised: DCP wraps it in a CheckpointException({rank: (exception, trace)})."""
+    failures = getattr(error, "failures", None)
+    return next(iter(failures.values()))[0] if failures else error
+
+
+def _describe(error: BaseException, tmp: Path) -> tuple[str, str]:
+    """("disk" | "other", one line naming the checkpoint) for an exception raised while saving."""
+    import errno
+
+    cause = _root_cause(error)
+    final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                       errno.EPERM):
+        return "disk", f"{final}: could not write the checkpoint ({os.strerror(cause.errno)}); nothing was kept"
+    return "other", f"{final}: could not write the checkpoint ({' '.join(str(cause).split())})"
+
+
+def prune(out_dir: Path, keep_last: int, protect: set[Path]) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, never one in `protect` (call on rank 0)."""
+    if keep_last <= 0:
+        return []
+    stale = [p for p in list_checkpoints(out_dir)[:-keep_last] if p.resolve() not in {q.resolve() for q in protect}]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+# ------------------------------------------------------------------------------------------------ load
+def read_trainer(path: Path) -> dict[str, Any]:
+    """trainer.json of a checkpoint, checked to be a format this code reads."""
+    path = Path(path)
+    f = path / TRAINER_FILE
+    try:
+        trainer = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAINER_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({' '.join(str(e).split())})") from None
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
+        raise CheckpointError(f"{f}: not a trainer state (expected a JSON object with an integer 'step')")
+    if trainer.get("format") == 1:
+        raise CheckpointError(f"{path}: written in checkpoint format 1 (model.pt / model/ + optimizer); convert it "
+                              f"with `amp-ckpt convert {path}`")
+    if trainer.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: checkpoint format {trainer.get('format')!r}, this code reads {FORMAT}")
+    if step_of(path) is not None and step_of(path) != trainer["step"]:
+        raise CheckpointError(f"{f}: says step {trainer['step']}, the folder is {path.name}")
+    return trainer
+
+
+# DCP's metadata is a pickle: unpickle only these (module, name) pairs, never a callable of the checkpoint's choosing.
+_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                    "torch.distributed.checkpoint.planner")
+_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PureWindowsPath"), ("pathlib", "Path")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED or module in _ALLOWED_MODULES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name} from checkpoint metadata")
+
+
+def safe_reader(path: Path):
+    """A DCP `FileSystemReader` whose `.metadata` is unpickled with the allow-list above."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            raw = (Path(self.path) / ".metadata").read_bytes()
+            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def read_metadata(path: Path):
+    """DCP metadata of a checkpoint folder (tensor names, shapes, dtypes), safely."""
+    try:
+        return safe_reader(path).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: holds no DCP metadata (.metadata missing)") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({' '.join(str(e).split())})") from None
+
+
+def load_checkpoint(path: Path, state: dict[str, Any], verify_files: bool = True) -> dict[str, Any]:
+    """Verify `path` and load it into the `Stateful` entries of `state` (collective). Returns trainer.json."""
+    import torch.distributed.checkpoint as dcp
+
+    trainer = read_trainer(path)
+    if verify_files:
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(problem)
+    read_metadata(path)  # a clear error for a damaged .metadata before DCP's own
+    try:
+        with quiet_checkpoint_warnings():
+            dcp.load(state, storage_reader=safe_reader(path), no_dist=not _distributed())
+    except (Exception, CheckpointException) as e:  # DCP raises many kinds
+        text = " ".join(str(_root_cause(e)).split())
+        raise CheckpointError(f"{path}: does not fit this run ({text[:400]})") from None
+    return trainer
