@@ -1,12 +1,14 @@
 """`python -m checkpoints_util` / `amp-ckpt`: inspect, consolidate and export training checkpoints.
 
-    amp-ckpt inspect     CKPT [--json]
+    amp-ckpt inspect     CKPT [--json] [--verify]
     amp-ckpt consolidate CKPT --out FILE [--with-optimizer] [--dtype D]
     amp-ckpt export      CKPT --format litgpt|hf --out DIR [--dtype D] [--max-shard-size 5GB]
+    amp-ckpt convert     OLD_CKPT [--out DIR]      (a checkpoint of format 1 -> the current format)
 
 CKPT is a `step-XXXXXXXX/` folder or a run folder (its newest complete checkpoint). Runs in one process
-on CPU, also for FSDP (sharded) checkpoints. Exit status: 0 done, 2 a checkpoint or usage error (one
-line on stderr naming the path and the problem, no traceback), 130 interrupted (nothing written).
+on CPU, whatever strategy and world size wrote the checkpoint. Exit status (amp_common/exits.py): 0 done,
+2 a checkpoint or usage error, 3 the disk (no space, not writable), 130 interrupted; errors are one line
+on stderr naming the path and the problem, and nothing half-written is left.
 """
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import argparse
 import os
 import sys
 
-from checkpoints_util import consolidate, export, inspect
-from checkpoints_util.save import CheckpointError
-
-EXIT_ERROR = 2
+from amp_common import exits
+from amp_common.atomic import WriteError
+from checkpoints_util import consolidate, convert, export, inspect
+from checkpoints_util.layout import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_parser(sub)
     consolidate.add_parser(sub)
     export.add_parser(sub)
+    convert.add_parser(sub)
     return parser
 
 
@@ -37,13 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return exits.BAD_INPUT
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exits.DISK
     except BrokenPipeError:  # `amp-ckpt inspect ... | head`: stop quietly, as other CLI tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+        return exits.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 
 from checkpoints_util.output import atomic_file, check_destination, human_bytes, progress
 from checkpoints_util.reader import open_checkpoint
+from amp_common.tensors import DTYPES, nbytes
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def consolidate(checkpoint, out, with_optimizer: bool = False, dtype: torch.dtype | None = None,
@@ -33,12 +33,12 @@ def consolidate(checkpoint, out, with_optimizer: bool = False, dtype: torch.dtyp
     ck = open_checkpoint(checkpoint)
     ck.validate()
     info = ck.tensor_info()
-    total = sum(_nbytes(shape, d) for shape, d in info.values())
+    total = sum(nbytes(shape, d) for shape, d in info.values())
     sd = {}
     with progress(total, f"read {ck.path.name}", quiet) as bar:
         for name, t in ck.iter_model_tensors(dtype):
             sd[name] = t.contiguous()
-            bar.update(_nbytes(info[name][0], info[name][1]))
+            bar.update(nbytes(*info[name]))
     obj = sd
     if with_optimizer:
         obj = {"model": sd, "optimizer": ck.load_optimizer_by_name(),
@@ -71,9 +71,3 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
 
-
-def _nbytes(shape, dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * torch.empty((), dtype=dtype).element_size()

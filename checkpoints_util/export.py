@@ -27,8 +27,8 @@ import yaml
 from checkpoints_util import hf_llama, tokenizer_files
 from checkpoints_util.output import atomic_dir, check_destination, human_bytes, parse_size, progress
 from checkpoints_util.reader import Checkpoint, open_checkpoint
+from amp_common.tensors import DTYPES, nbytes
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD = "5GB"
 
 
@@ -39,14 +39,7 @@ def _out_dtype(ck: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _total_bytes(ck: Checkpoint, dtype: torch.dtype) -> int:
-    item = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for shape, _ in ck.tensor_info().values():
-        n = 1
-        for s in shape:
-            n *= int(s)
-        total += n * item
-    return total
+    return sum(nbytes(shape, dtype) for shape, _ in ck.tensor_info().values())
 
 
 def export_litgpt(checkpoint, out, dtype: torch.dtype | None = None, overwrite: bool = False,

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from checkpoints_util.save import CheckpointError
+from checkpoints_util.layout import CheckpointError
 
 _FIXED = {
     "transformer.wte.weight": "model.embed_tokens.weight",

@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 from checkpoints_util.output import human_bytes
+from amp_common.tensors import nbytes, numel
+from checkpoints_util.layout import CheckpointError
 from checkpoints_util.reader import Checkpoint, open_checkpoint
 
 # The litgpt.Config fields that describe a Llama's size (the full config is in model_config.yaml).
@@ -19,13 +21,18 @@ MODEL_FIELDS = ("name", "n_layer", "n_embd", "n_head", "n_query_groups", "head_s
                 "vocab_size", "padded_vocab_size", "block_size", "norm_eps", "rope_base")
 
 
-def inspect_checkpoint(path) -> dict[str, Any]:
-    """A JSON-able summary of the checkpoint at `path` (validated against its model config)."""
+def inspect_checkpoint(path, verify: bool = False) -> dict[str, Any]:
+    """A JSON-able summary of the checkpoint at `path` (validated against its model config). With `verify`,
+    every file is also checked against the sha256 recorded at save time (raises CheckpointError if one differs)."""
     ck: Checkpoint = open_checkpoint(path)
+    if verify:
+        problem = ck.verify()
+        if problem:
+            raise CheckpointError(problem)
     ck.validate()
     info = ck.tensor_info()
-    n_params = sum(_numel(shape) for shape, _ in info.values())
-    model_bytes = sum(_numel(shape) * _itemsize(dtype) for shape, dtype in info.values())
+    n_params = sum(numel(shape) for shape, _ in info.values())
+    model_bytes = sum(nbytes(shape, dtype) for shape, dtype in info.values())
     dtypes = sorted({str(dtype).replace("torch.", "") for _, dtype in info.values()})
     files = ck.files()
     t = ck.trainer
@@ -36,7 +43,6 @@ def inspect_checkpoint(path) -> dict[str, Any]:
         "world_size": t.get("world_size"),
         "strategy": t.get("strategy"),
         "precision": t.get("precision"),
-        "sharded": ck.sharded,
         "saved_at": t.get("saved_at"),
         "reason": t.get("reason"),
         "loss": t.get("loss"),
@@ -52,6 +58,7 @@ def inspect_checkpoint(path) -> dict[str, Any]:
         "train_config": ck.train_config,
         "files": [{"path": p, "bytes": b} for p, b in files],
         "total_bytes": sum(b for _, b in files),
+        "verified": verify,
     }
 
 
@@ -63,8 +70,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"checkpoint   {r['path']}",
         f"step         {r['step']}",
         f"tokens seen  {tokens}",
-        f"written on   {r['world_size']} rank(s), {r['strategy']}, precision {r['precision']}, "
-        f"{'sharded (torch.distributed.checkpoint)' if r['sharded'] else 'plain files'}",
+        f"written on   {r['world_size']} rank(s), {r['strategy']}, precision {r['precision']}",
         f"saved at     {r['saved_at']} (reason: {r['reason']})",
     ]
     if r.get("loss") is not None or r.get("val_loss") is not None:
@@ -81,14 +87,15 @@ def format_report(r: dict[str, Any]) -> str:
         lines += ["  " + ln for ln in yaml.safe_dump(r["train_config"], sort_keys=False).rstrip().splitlines()]
     else:
         lines.append("  (no config.yaml)")
-    lines.append(f"files ({len(r['files'])}, {human_bytes(r['total_bytes'])}):")
+    verified = "every file matches its sha256 from save time" if r["verified"] else "not verified (--verify)"
+    lines.append(f"files ({len(r['files'])}, {human_bytes(r['total_bytes'])}; {verified}):")
     width = max((len(f["path"]) for f in r["files"]), default=0)
     lines += [f"  {f['path']:<{width}}  {human_bytes(f['bytes']):>12}" for f in r["files"]]
     return "\n".join(lines)
 
 
 def run(args) -> int:
-    report = inspect_checkpoint(args.checkpoint)
+    report = inspect_checkpoint(args.checkpoint, verify=args.verify)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -98,21 +105,11 @@ def add_parser(sub) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", metavar="CKPT", help="a step-XXXXXXXX folder, or a run folder (its newest checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file against the sha256 recorded when it was saved (reads all of it)")
     p.set_defaults(func=run)
 
 
 def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _itemsize(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()

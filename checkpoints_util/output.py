@@ -8,27 +8,14 @@ then renamed into place; on any error the temporary is deleted and the destinati
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from checkpoints_util.save import CheckpointError
-from checkpoints_util.save import fsync_path as _fsync
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_mode(path: Path, is_dir: bool) -> None:
-    """mkdtemp/mkstemp create 0700/0600 entries; give the result the usual umask-based modes instead."""
-    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+from amp_common import atomic
+from amp_common.atomic import WriteError
+from checkpoints_util.layout import CheckpointError
 
 
 def check_destination(final: str | Path, overwrite: bool) -> None:
@@ -36,35 +23,18 @@ def check_destination(final: str | Path, overwrite: bool) -> None:
     final = Path(final)
     if final.exists() and not overwrite:
         raise CheckpointError(f"{final}: already exists; pass --overwrite to replace it, or choose another --out")
-    if not final.parent.exists():
+    try:
         final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{final.parent}: cannot create the output folder ({e.strerror or e})") from None
 
 
 @contextmanager
 def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes `final` when the block ends without an error."""
-    final = Path(final)
     check_destination(final, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with _disk_errors(final), atomic.atomic_dir(final) as tmp:
         yield tmp
-        for p in tmp.rglob("*"):
-            _publish_mode(p, p.is_dir())
-            if p.is_file():
-                _fsync(p)
-        _publish_mode(tmp, True)
-        _fsync(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-        tmp.rename(final)
-        _fsync(final.parent)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextmanager
@@ -74,18 +44,17 @@ def atomic_file(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if final.is_dir():
         raise CheckpointError(f"{final}: is a folder; --out must name a file")
     check_destination(final, overwrite)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with _disk_errors(final), atomic.atomic_file(final) as tmp:
         yield tmp
-        _publish_mode(tmp, False)
-        _fsync(tmp)
-        os.replace(tmp, final)
-        _fsync(final.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+@contextmanager
+def _disk_errors(final: str | Path) -> Iterator[None]:
+    """An OSError while writing `final` (disk full, no permission) becomes one WriteError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise WriteError(f"{final}: could not write it ({e.strerror or e}); nothing was left behind") from None
 
 
 def progress(total: int, desc: str, quiet: bool, unit: str = "B"):

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from checkpoints_util.save import CheckpointError
+from checkpoints_util.layout import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-import models
-
-ModelName = Literal["debug", "tiny", "tinyllama-1.1b", "llama2-7b", "llama2-13b"]
-assert typing.get_args(ModelName) == models.CONFIG_NAMES, "keep ModelName in step with models.CONFIG_NAMES"
+ModelName = Literal["debug", "tiny", "tinyllama-1.1b", "llama2-7b", "llama2-13b"]  # = models.CONFIG_NAMES (tested)
 
 
 @dataclass
@@ -356,10 +353,20 @@ def validate(cfg: PretrainConfig) -> None:
          f"logging.peak_flops must be > 0 or null, got {cfg.logging.peak_flops}")
     need(cfg.resume in ("auto", "none") or Path(cfg.resume).name.startswith("step-"),
          f"resume must be auto, none or a step-XXXXXXXX folder, got {cfg.resume!r}")
+    model_config(cfg)
+
+
+def model_config(cfg: PretrainConfig):
+    """The run's litgpt.Config; a ConfigError names a bad `model.overrides` field."""
+    import models
+
+    import litgpt
+
+    fields = {f.name for f in dataclasses.fields(litgpt.Config)}
+    unknown = sorted(set(cfg.model.overrides) - fields)
+    if unknown:
+        raise ConfigError(f"model.overrides: {', '.join(map(repr, unknown))} is not a litgpt.Config field")
     try:
-        model_config = models.get_config(cfg.model.name, **cfg.model.overrides)
-    except (TypeError, ValueError) as err:
+        return models.get_config(cfg.model.name, **cfg.model.overrides)
+    except (TypeError, ValueError, AssertionError) as err:
         raise ConfigError(f"model.overrides: {' '.join(str(err).split())}") from None
-    need(cfg.data.seq_len <= model_config.block_size,
-         f"data.seq_len={cfg.data.seq_len} exceeds the model's block_size {model_config.block_size} "
-         f"({cfg.model.name}); raise it with --model.overrides '{{block_size: {cfg.data.seq_len}}}'")

@@ -15,7 +15,7 @@ import torch
 import models
 from checkpoints_util import store
 from checkpoints_util.layout import remove_partial
-from pretrain import batches, metrics, resume, strategy
+from pretrain import batches, config, metrics, resume, strategy
 from pretrain.checkpoint import DataState, ModelState, TrainState
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.lock import LockedError, RunLock
@@ -95,7 +95,10 @@ def fit(cfg: PretrainConfig) -> Result:
 def setup(cfg: PretrainConfig) -> Run:
     torch.set_flush_denormal(True)  # denormals made some CPU steps take seconds
     p = strategy.plan(cfg)
-    model_config = models.get_config(cfg.model.name, **cfg.model.overrides)
+    model_config = config.model_config(cfg)
+    if cfg.data.seq_len > model_config.block_size:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's block_size {model_config.block_size} "
+                          f"({cfg.model.name}); raise it with --model.overrides '{{block_size: {cfg.data.seq_len}}}'")
     fabric = strategy.build_fabric(cfg, p, model_config)
     fabric.launch()
     lock = _claim_out_dir(fabric, Path(cfg.out_dir))

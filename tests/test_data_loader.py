@@ -132,7 +132,7 @@ def test_resume_equals_uninterrupted(prepared, workers_before, workers_after):
     got = [next(it) for _ in range(stop)]  # workers have prefetched beyond this point
     sd = first.state_dict()
     del it
-    assert sd["batches_consumed"] == stop
+    assert (sd["epoch"], sd["position"]) == (0, stop * 2 * B)  # global: windows of all ranks
 
     second = build_loader(out, "train", L, B, rank=1, world_size=2, num_workers=workers_after, seed=3)
     second.load_state_dict(sd)
@@ -145,7 +145,7 @@ def test_resume_equals_uninterrupted(prepared, workers_before, workers_after):
 def test_resume_reads_nothing_already_consumed(prepared, monkeypatch):
     out, _, _ = prepared
     loader = build_loader(out, "train", L, B, seed=0)
-    loader.load_state_dict({**loader.state_dict(), "batches_consumed": 50})
+    loader.load_state_dict({**loader.state_dict(), "position": 50 * B})
     reads = []
     orig = type(loader.stream).read
     monkeypatch.setattr(type(loader.stream), "read", lambda self, s, n: reads.append(s) or orig(self, s, n))
@@ -160,7 +160,7 @@ def test_resume_with_other_world_size_same_global_batch(prepared):
     ref = rows_to_windows(take(one, 4), idx)
     for r in (0, 1):  # 2 ranks x B = 1 rank x 2B: same windows per step
         two = build_loader(out, "train", L, B, rank=r, world_size=2, seed=5)
-        two.load_state_dict({**one.state_dict(), "batches_consumed": 2})
+        two.load_state_dict({**one.state_dict(), "position": 2 * 2 * B})
         got = rows_to_windows(take(two, 2), idx)
         for step in range(2):
             assert got[step * B:(step + 1) * B] == ref[(2 + step) * 2 * B + r * B:(2 + step) * 2 * B + (r + 1) * B]
@@ -173,8 +173,36 @@ def test_resume_state_mismatch_is_refused(prepared):
         build_loader(out, "train", L + 1, B, seed=0).load_state_dict(sd)
     with pytest.raises(ValueError, match="seed"):
         build_loader(out, "train", L, B, seed=1).load_state_dict(sd)
+    one_batch_in = {**sd, "position": B}  # a position inside a global batch of the new run
     with pytest.raises(ValueError, match="global batch"):
-        build_loader(out, "train", L, B, world_size=2).load_state_dict(sd)
+        build_loader(out, "train", L, B, world_size=2).load_state_dict(one_batch_in)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_world_size_change_repeats_and_skips_no_window(prepared, workers):
+    """2 ranks x 3 micro-steps of 2 windows, then 3 ranks x 2 micro-steps (the same global batch of 12 windows,
+    across an epoch boundary): every optimizer step holds the windows a single device takes, none twice."""
+    out, train, _ = prepared
+    idx = window_index(train, L)
+    G = 12
+    single = build_loader(out, "train", L, G, seed=9, global_batch=G)
+    steps_before, steps_after = single.steps_per_epoch - 3, 6  # the resumed part crosses an epoch boundary
+    reference = [sorted(rows_to_windows([b], idx)) for b in take(single, steps_before + steps_after)]
+
+    def run(world, micro, n_steps, state=None):
+        loaders = [build_loader(out, "train", L, 2, rank=r, world_size=world, seed=9, global_batch=G,
+                                num_workers=workers) for r in range(world)]
+        for ld in loaders:
+            if state is not None:
+                ld.load_state_dict(state)
+        its = [iter(ld) for ld in loaders]
+        got = [sorted(w for it in its for _ in range(micro) for w in rows_to_windows([next(it)], idx))
+               for _ in range(n_steps)]
+        return got, loaders[0].state_dict()
+
+    before, state = run(2, 3, steps_before)
+    after, _ = run(3, 2, steps_after, state)
+    assert before + after == reference
 
 
 def test_val_is_deterministic_and_fixed(prepared):

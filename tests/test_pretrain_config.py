@@ -11,10 +11,34 @@ import pytest
 
 from pretrain.config import ConfigError, PretrainConfig, iter_options, load_yaml, parse_args
 from pretrain.loop import plan_steps
+from helpers.runs import tiny_config
 from pretrain.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _field_docs() -> dict[str, str]:
+    """dotted option -> the docstring under its field, read from the source (independently of jsonargparse)."""
+    import ast
+    import dataclasses
+    import inspect
+    import typing
+
+    docs = {}
+
+    def walk(cls, prefix):
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[prefix + stmt.target.id] = " ".join(nxt.value.value.split())
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+
+    walk(PretrainConfig, "")
+    return docs
 
 
 def test_help_documents_every_option():
@@ -22,11 +46,12 @@ def test_help_documents_every_option():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())  # argparse wraps lines
-    keys = [key for key, _, _ in iter_options()]
-    assert len(keys) >= 35
-    for key, _, f in iter_options():
+    keys = [key for key, _ in iter_options()]
+    docs = _field_docs()
+    assert len(keys) >= 39 and set(keys) <= set(docs), set(keys) - set(docs)  # every option has a docstring
+    for key in keys:
         assert f"--{key}" in text, key
-        assert " ".join(f.metadata["help"].split()[:4]) in text, key
+        assert " ".join(docs[key].split()[:4]) in text, key
     for flag in ("--config", "--print_config"):
         assert flag in text
 
@@ -58,9 +83,17 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     ("train: {max_steps: three}\n", "train.max_steps: expected an integer"),
     ("optimizer: {name: sgd}\n", "optimizer.name: 'sgd' is not one of adam_mini, adamw"),
     ("optimizer: {betas: [0.9]}\n", "optimizer.betas: expected a list of 2 values"),
+    ("optimizer: {adam_mini: {momentum_dtype: fp8}}\n",
+     "optimizer.adam_mini.momentum_dtype: 'fp8' is not one of float32, bfloat16"),
+    ("model: {name: gpt5}\n", "model.name: 'gpt5' is not one of debug, tiny"),
+    ("model: {overrides: {n_lyer: 3}}\n", "model.overrides: 'n_lyer' is not a litgpt.Config field"),
     ("train: 5\n", "section 'train' must be a mapping"),
     ("train: {max_steps: null, max_tokens: null}\n", "set at least one"),
     ("optimizer: {lr: 1.0e-4, min_lr: 1.0e-3}\n", "larger than optimizer.lr"),
+    ("optimizer: {lr: .nan}\n", "optimizer.lr must be a finite number > 0"),
+    ("eval: {batches: 0}\n", "eval.batches must be > 0"),
+    ("data: {num_workers: -1}\n", "data.num_workers must be >= 0"),
+    ("logging: {peak_flops: -5}\n", "logging.peak_flops must be > 0 or null"),
 ])
 def test_yaml_errors_name_file_and_key(tmp_path, text, message):
     y = tmp_path / "bad.yaml"
@@ -73,18 +106,23 @@ def test_yaml_errors_name_file_and_key(tmp_path, text, message):
         assert str(y) in str(err.value)
 
 
-def test_cli_errors_exit_2_with_message():
+def test_cli_errors_exit_2_with_one_line(capsys):
     from pretrain.__main__ import main
 
-    assert main(["--train.max_steps", "x"]) == 2
-    with pytest.raises(SystemExit):
-        main(["--no_such_option", "1"])
+    for argv, message in ((["--train.max_steps", "x"], "command line: train.max_steps: expected an integer, got 'x'"),
+                          (["--no_such_option", "1"], "unknown option 'no_such_option'"),
+                          (["--config", "/no/such.yaml"], "/no/such.yaml: config file not found"),
+                          (["--optimizer.name", "adamw", "--optimizer.implementation", "native",
+                            "--train.max_steps", "3"], "optimizer.implementation=native applies to adam_mini only")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_are_valid(path):
     cfg, _ = parse_args(["--config", str(path)])
-    assert set(load_yaml(path)) <= {k.split(".")[0] for k, _, _ in iter_options()}
+    assert set(load_yaml(path)) <= {k.split(".")[0] for k, _ in iter_options()}
     world = cfg.system.devices * cfg.system.num_nodes
     steps = plan_steps(cfg, world)  # raises if the global batch is not divisible
     assert steps.total > cfg.optimizer.warmup_steps
@@ -137,10 +175,18 @@ def test_print_config(capsys):
     assert "name: debug" in out and "max_steps: 3" in out
 
 
-def test_vocabulary_mismatch_is_refused(tmp_path_factory, tmp_path):
+def test_vocabulary_mismatch_is_refused(data_dir, tmp_path):
+    from data.errors import DataError
     from pretrain.loop import fit
-    from test_pretrain_util import prepare_small, tiny_config
 
-    data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
-    with pytest.raises(ConfigError, match="4,096-piece vocabulary, but model debug has 1,000 embeddings"):
-        fit(tiny_config(data, tmp_path / "run", model__overrides={"vocab_size": 1000}))
+    with pytest.raises(DataError, match="holds token id .* but the model has 1,000 embeddings"):
+        fit(tiny_config(data_dir, tmp_path / "run", model__overrides={"vocab_size": 1000}))
+
+
+def test_model_names_match_the_registry():
+    import typing
+
+    import models
+    from pretrain.config import ModelName
+
+    assert typing.get_args(ModelName) == models.CONFIG_NAMES

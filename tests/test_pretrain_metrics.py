@@ -2,21 +2,19 @@
 memory, optimizer state), MFU = FLOPs/token x tokens/s / peak, and the GPU peak table."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import models
 from pretrain import metrics
+from helpers.runs import tiny_config, train_log
 from pretrain.loop import fit
-from test_pretrain_util import prepare_small, tiny_config
 
 
-def test_tensorboard_scalars_and_mfu(tmp_path_factory, tmp_path):
+def test_tensorboard_scalars_and_mfu(data_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
+    data = data_dir
     cfg = tiny_config(data, tmp_path / "run", train__max_steps=4, logging__tensorboard=True,
                       logging__interval=2, logging__peak_flops=1e12, eval__interval=2)
     result = fit(cfg)
@@ -32,17 +30,15 @@ def test_tensorboard_scalars_and_mfu(tmp_path_factory, tmp_path):
     assert acc.Scalars("train/tokens_seen")[-1].value == 4 * 128
     # logged loss = mean of the steps of the window
     assert acc.Scalars("train/loss")[-1].value == pytest.approx((result.losses[3] + result.losses[4]) / 2, rel=1e-6)
-    records = [json.loads(ln) for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    rec = [r for r in records if "mfu" in r][-1]
+    rec = [r for r in train_log(tmp_path / "run") if "mfu" in r][-1]
     flops = models.flops_per_token(models.get_config("debug"), 32)
     assert rec["mfu"] == pytest.approx(flops * rec["tokens_per_s"] / 1e12, rel=1e-9)
     assert rec["optimizer_state_bytes"] > 0 and rec["max_memory_bytes"] > 0
 
 
-def test_no_mfu_on_cpu_without_peak(tmp_path_factory, tmp_path):
-    data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
-    fit(tiny_config(data, tmp_path / "run", train__max_steps=1))
-    records = [json.loads(ln) for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+def test_no_mfu_on_cpu_without_peak(data_dir, tmp_path):
+    fit(tiny_config(data_dir, tmp_path / "run", train__max_steps=1))
+    records = train_log(tmp_path / "run")
     assert records and not any("mfu" in r for r in records)
 
 

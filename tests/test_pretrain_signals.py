@@ -3,21 +3,18 @@ SIGUSR1 saves at the end of the current step and exits 0, SIGTERM likewise with 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 
 import pytest
 import torch
 
-from checkpoints_util.save import latest_checkpoint, list_checkpoints, read_trainer_state
-from pretrain.loop import NonFiniteLossError, fit
-from test_pretrain_util import cli_args, popen_pretrain, prepare_small, read_until, tiny_config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
+from checkpoints_util.layout import latest_checkpoint, list_checkpoints
+from checkpoints_util.store import read_trainer
+from helpers.checkpoints import checkpoint_tensors
+from helpers.runs import cli_args, popen_pretrain, read_until, tiny_config, train_log
+from pretrain.loop import fit
+from pretrain.step import NonFiniteLossError
 
 
 def _digest(folder):
@@ -27,12 +24,13 @@ def _digest(folder):
     return h.hexdigest()
 
 
-def test_nan_loss_stops_without_saving(data_dir, tmp_path):
+def test_nan_loss_stops_without_saving(data_dir, tmp_path, faults):
     out = tmp_path / "run"
     fit(tiny_config(data_dir, out, train__max_steps=2, checkpoint__interval=2))  # a good checkpoint at 2
     good = out / "step-00000002"
     before = _digest(good)
-    cfg = tiny_config(data_dir, out, train__max_steps=6, checkpoint__interval=1, debug__nan_at_step=4)
+    cfg = tiny_config(data_dir, out, train__max_steps=6, checkpoint__interval=1)
+    faults(nan_at=4)
     with pytest.raises(NonFiniteLossError) as err:
         fit(cfg)
     msg = str(err.value)
@@ -41,7 +39,7 @@ def test_nan_loss_stops_without_saving(data_dir, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000003"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert _digest(good) == before
-    weights = torch.load(out / "step-00000003" / "model.pt", weights_only=True)["model"]
+    weights = checkpoint_tensors(out / "step-00000003")
     assert all(torch.isfinite(t).all() for t in weights.values())
     # the CLI reports it and exits 1
     from pretrain.__main__ import main
@@ -73,9 +71,9 @@ def test_signal_saves_after_current_step_and_exits(data_dir, tmp_path, signum, c
     assert proc.returncode == code, out
     last = latest_checkpoint(tmp_path / "run")
     assert last is not None, out
-    state = read_trainer_state(last)
+    state = read_trainer(last)
     assert 3 <= state["step"] < 400 and state["reason"] == "signal"
-    logged = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in train_log(tmp_path / "run")]
     assert max(logged) == state["step"]  # saved right after the step during which the signal came
     assert f"stopped by {signal.Signals(signum).name} after step {state['step']}" in out
 
@@ -98,5 +96,5 @@ def test_signal_during_startup_and_a_repeated_delivery_still_save_and_exit_clean
     out = "".join(lines) + rest
     assert proc.returncode == 0, out
     assert "again: already stopping, ignored" in out
-    state = read_trainer_state(latest_checkpoint(tmp_path / "run"))
+    state = read_trainer(latest_checkpoint(tmp_path / "run"))
     assert state["reason"] == "signal" and 1 <= state["step"] < 400, state
