@@ -63,7 +63,9 @@ def load_keys(path: Path, targets: dict[str, torch.Tensor]) -> dict[str, torch.T
         with quiet_checkpoint_warnings():
             dcp.load(targets, storage_reader=store.safe_reader(path), no_dist=True)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({' '.join(str(e).split())[:300]})") from None
+        cause = store.root_cause(e)
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(cause).__name__}: "
+                              f"{' '.join(str(cause).split())[:300]})") from None
     return targets
 
 

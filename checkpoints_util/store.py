@@ -102,7 +102,7 @@ def verify(path: Path) -> str | None:
         if not f.is_file():
             problem = f"{f}: missing"
         elif f.stat().st_size != want["bytes"]:
-            problem = f"{f}: {f.stat().st_size} bytes, {want['bytes']} when saved (truncated or damaged)"
+            problem = f"{f}: {f.stat().st_size} bytes, {want['bytes']} bytes when saved (truncated or damaged)"
         elif file_digest(f) != want["sha256"]:
             problem = f"{f}: sha256 differs from the one recorded at save time (damaged)"
         if problem:
@@ -189,7 +189,7 @@ def _raise_any(error: BaseException | None, tmp: Path) -> None:
     raise (WriteError if kind == "disk" else CheckpointError)(text)
 
 
-def _root_cause(error: BaseException) -> BaseException:
+def root_cause(error: BaseException) -> BaseException:
     """The exception a rank raised: DCP wraps it in a CheckpointException({rank: (exception, trace)})."""
     failures = getattr(error, "failures", None)
     return next(iter(failures.values()))[0] if failures else error
@@ -199,7 +199,7 @@ def _describe(error: BaseException, tmp: Path) -> tuple[str, str]:
     """("disk" | "other", one line naming the checkpoint) for an exception raised while saving."""
     import errno
 
-    cause = _root_cause(error)
+    cause = root_cause(error)
     final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                                                        errno.EPERM):
@@ -299,6 +299,9 @@ def load_checkpoint(path: Path, state: dict[str, Any], verify_files: bool = True
         with quiet_checkpoint_warnings():
             dcp.load(state, storage_reader=safe_reader(path), no_dist=not _distributed())
     except (Exception, CheckpointException) as e:  # DCP raises many kinds
-        text = " ".join(str(_root_cause(e)).split())
-        raise CheckpointError(f"{path}: does not fit this run ({text[:400]})") from None
+        cause = root_cause(e)
+        if isinstance(cause, CheckpointError):
+            raise cause from None
+        text = " ".join(str(cause).split())
+        raise CheckpointError(f"{path}: does not fit this run ({type(cause).__name__}: {text[:400]})") from None
     return trainer

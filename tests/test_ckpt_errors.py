@@ -12,7 +12,7 @@ import yaml
 
 from checkpoints_util import hf_llama
 from checkpoints_util.__main__ import main
-from test_ckpt_helpers import random_model, save_plain, trained_optimizer
+from helpers.checkpoints import random_model, save_checkpoint_of, trained_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     model = random_model()
-    return save_plain(tmp_path_factory.mktemp("err") / "run", 2, model, trained_optimizer(model, 1), 2048)
+    return save_checkpoint_of(tmp_path_factory.mktemp("err") / "run", 2, model, trained_optimizer(model, 1), 2048)
 
 
 def copy_ckpt(ckpt: Path, dst: Path) -> Path:
@@ -88,7 +88,7 @@ def test_shapes_that_do_not_fit_the_config(ckpt, tmp_path, capsys):
                 ["export", str(bad), "--format", "hf", "--out", str(tmp_path / "out" / "hf")]):
         code, err = run_main(capsys, *cmd)
         assert code == 2, cmd
-        assert err == (f"error: {bad / 'model.pt'}: tensor 'transformer.h.0.mlp.fc_1.weight' has shape [176, 64] "
+        assert err == (f"error: {bad}: tensor 'transformer.h.0.mlp.fc_1.weight' has shape [176, 64] "
                        f"but {bad / 'model_config.yaml'} (n_layer=2, n_embd=64, n_head=4, n_query_groups=2, "
                        f"padded_vocab_size=4096) expects [200, 64]"), err
     assert leftovers(tmp_path / "out") == []  # nothing written, no temporaries
@@ -105,10 +105,19 @@ def test_missing_and_extra_tensors(ckpt, tmp_path, capsys):
 
 def test_unreadable_files(ckpt, tmp_path, capsys):
     bad = copy_ckpt(ckpt, tmp_path)
-    (bad / "model.pt").write_bytes(b"this is not a zip file")
+    (bad / "__0_0.distcp").write_bytes(b"this is not a tensor file")
     code, err = run_main(capsys, "consolidate", str(bad), "--out", str(tmp_path / "x.pth"))
-    assert code == 2 and err.startswith(f"error: {bad / 'model.pt'}: cannot read the model weights"), err
+    err = err.splitlines()[-1]  # after the progress bar
+    assert code == 2 and err.startswith(f"error: {bad}: cannot read the checkpoint (") and len(err) < 500, err
     assert not (tmp_path / "x.pth").exists()
+    code, err = run_main(capsys, "inspect", str(bad), "--verify")
+    assert code == 2 and err == f"error: {bad / '__0_0.distcp'}: 25 bytes, " \
+        f"{(ckpt / '__0_0.distcp').stat().st_size} bytes when saved (truncated or damaged)", err
+
+    bad1 = copy_ckpt(ckpt, tmp_path / "a")
+    (bad1 / ".metadata").write_bytes(b"\x80\x04junk")
+    code, err = run_main(capsys, "inspect", str(bad1))
+    assert code == 2 and err.startswith(f"error: {bad1 / '.metadata'}: unreadable"), err
 
     bad2 = copy_ckpt(ckpt, tmp_path / "b")
     (bad2 / "model_config.yaml").write_text("n_layer: [oops\n")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoints_util.__main__ import main
-from test_ckpt_helpers import model_config, random_model, save_plain, save_sharded_single_process, tokens, trained_optimizer
+from helpers.checkpoints import model_config, random_model, save_checkpoint_of, tokens, trained_optimizer
 
 TOL = 1e-4
 
@@ -20,12 +20,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def plain_ckpt(tmp_path_factory, model):
-    return save_plain(tmp_path_factory.mktemp("exp") / "run", 3, model, trained_optimizer(random_model(seed=11), 1), 3072)
-
-
-@pytest.fixture(scope="module")
-def dcp_ckpt(tmp_path_factory, model):
-    return save_sharded_single_process(tmp_path_factory.mktemp("expdcp") / "run", 4, model, None, 4096)
+    return save_checkpoint_of(tmp_path_factory.mktemp("exp") / "run", 3, model,
+                              trained_optimizer(random_model(seed=11), 1), 3072)
 
 
 def gpt_logits(model, x):
@@ -57,10 +53,10 @@ def test_export_litgpt_round_trip(plain_ckpt, model, tmp_path):
     assert torch.equal(gpt_logits(gpt.eval(), x), gpt_logits(model, x))
 
 
-@pytest.mark.parametrize("layout,shard", [("plain", None), ("dcp", "300KB")])
-def test_export_hf_logits_match_litgpt(layout, shard, plain_ckpt, dcp_ckpt, model, tmp_path):
+@pytest.mark.parametrize("shard", [None, "300KB"])
+def test_export_hf_logits_match_litgpt(shard, plain_ckpt, model, tmp_path):
     out = tmp_path / "hf"
-    args = ["export", str(plain_ckpt if layout == "plain" else dcp_ckpt), "--format", "hf", "--out", str(out), "--quiet"]
+    args = ["export", str(plain_ckpt), "--format", "hf", "--out", str(out), "--quiet"]
     if shard:
         args += ["--max-shard-size", shard]
     assert main(args) == 0

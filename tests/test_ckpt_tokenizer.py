@@ -7,21 +7,18 @@ import json
 import pytest
 
 from checkpoints_util.__main__ import main
-from test_ckpt_helpers import random_model, save_plain
-from test_pretrain_util import TOKENIZER, prepare_small
+from helpers.checkpoints import random_model, save_checkpoint_of, trained_optimizer
+from helpers.data import TOKENIZER
 
 TEXT = "Elizabeth walked to Pemberley in 1811, café naïve.\n\nA second paragraph."
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
-    return save_plain(tmp_path_factory.mktemp("tok") / "run", 2, *_model_and_opt(), 2048, data_dir=data)
+def ckpt(tmp_path_factory, data_dir):
+    return save_checkpoint_of(tmp_path_factory.mktemp("tok") / "run", 2, *_model_and_opt(), 2048, data_dir=data_dir)
 
 
 def _model_and_opt():
-    from test_ckpt_helpers import trained_optimizer
-
     model = random_model()
     return model, trained_optimizer(model, 1)
 
@@ -68,7 +65,7 @@ def test_wrong_tokenizer_is_refused(ckpt, tmp_path, capsys):
 
 
 def test_tokenizer_auto_without_manifest(tmp_path, capsys):
-    ck = save_plain(tmp_path / "run", 1, *_model_and_opt(), 1024, data_dir=tmp_path / "no-data")
+    ck = save_checkpoint_of(tmp_path / "run", 1, *_model_and_opt(), 1024, data_dir=tmp_path / "no-data")
     code = main(["export", str(ck), "--format", "hf", "--out", str(tmp_path / "hf"), "--tokenizer", "auto"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--tokenizer auto: cannot read the tokenizer from the training data's manifest" in err, err

@@ -9,6 +9,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 from helpers import faults  # noqa: E402
 
 faults.install(setattr, **faults.from_env(os.environ.get("AMP_TEST_FAULTS", "")))
+if os.environ.get("AMP_TEST_RECORD"):
+    faults.record_batches(os.environ["AMP_TEST_RECORD"])
 
 from pretrain.__main__ import main  # noqa: E402
 

@@ -1,8 +1,12 @@
 """Faults injected from tests, never from the product: a real signal after a given step, a NaN loss at one.
 
-`install(stop_at=..., nan_at=..., signum=...)` wraps `pretrain.loop._one_step`; in-process tests call it
-through the `faults` fixture (tests/conftest.py, undone after the test), multi-process runs through
-`tests/helpers/fault_run.py`, which reads `AMP_TEST_FAULTS` (e.g. "stop_at=3,nan_at=5") in every rank.
+`install(stop_at=..., nan_at=..., signum=..., no_block_allreduce=...)` wraps `pretrain.loop._one_step`;
+in-process tests call it through the `faults` fixture (tests/conftest.py, undone after the test),
+multi-process runs through `tests/helpers/fault_run.py`, which reads `AMP_TEST_FAULTS` (e.g.
+"stop_at=3,nan_at=5") in every rank, and `AMP_TEST_RECORD` (a folder: each rank appends the sha1 of every
+row of every training micro-batch it takes, one line per micro-batch, to `rank<r>.txt`).
+`no_block_allreduce=1` is the negative control of the sharded Adam-mini: each rank takes v from its own
+piece of a block (the all-reduce of the block sums becomes a no-op).
 """
 from __future__ import annotations
 
@@ -11,9 +15,18 @@ import os
 import signal
 
 
-def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SIGUSR1) -> None:
+def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SIGUSR1,
+            no_block_allreduce: int = 0) -> None:
     """`setattr_` is monkeypatch.setattr (or plain setattr): how the wrappers are put in place."""
     from pretrain import loop, step
+
+    if no_block_allreduce:
+        import types
+
+        from optim import adam_mini
+
+        setattr_(adam_mini, "dist", types.SimpleNamespace(all_reduce=lambda *a, **k: None,
+                                                          ReduceOp=adam_mini.dist.ReduceOp))
 
     real_one_step, real_loss = loop._one_step, step.batch_loss
 
@@ -37,3 +50,35 @@ def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SI
 def from_env(value: str) -> dict:
     """"stop_at=3,nan_at=5,signum=15" -> install()'s keyword arguments."""
     return {k: int(v) for k, v in (item.split("=") for item in value.split(",") if item)}
+
+
+def record_batches(folder: str) -> None:
+    """Append the sha1 of each row of every training micro-batch to `<folder>/rank<r>.txt` (one line each)."""
+    import hashlib
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from pretrain.batches import BatchStream
+
+    real = BatchStream.next
+
+    def next_(self):
+        batch = real(self)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(Path(folder) / f"rank{rank}.txt", "a") as f:
+            f.write(" ".join(hashlib.sha1(row.numpy().tobytes()).hexdigest()[:16] for row in batch) + "\n")
+        return batch
+
+    BatchStream.next = next_
+
+
+def recorded_steps(folder, micro_per_step: int, world: int) -> list[list[str]]:
+    """The rows of each optimizer step (all ranks together, sorted) from what `record_batches` wrote."""
+    from pathlib import Path
+
+    lines = [(Path(folder) / f"rank{r}.txt").read_text().split("\n")[:-1] for r in range(world)]
+    n = len(lines[0]) // micro_per_step
+    assert all(len(x) == n * micro_per_step for x in lines), [len(x) for x in lines]
+    return [sorted(h for x in lines for ln in x[s * micro_per_step:(s + 1) * micro_per_step] for h in ln.split())
+            for s in range(n)]

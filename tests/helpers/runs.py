@@ -58,16 +58,18 @@ def cli_args(cfg) -> list[str]:
     return args
 
 
-def popen_pretrain(args: list[str], faults: str = "") -> subprocess.Popen:
-    """`python -m pretrain ARGS` (with `faults`, see helpers/faults.py: through fault_run.py) from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AMP_TEST_FAULTS": faults}
-    cmd = [sys.executable, str(FAULT_RUN)] if faults else [sys.executable, "-m", "pretrain"]
+def popen_pretrain(args: list[str], faults: str = "", record: Path | None = None) -> subprocess.Popen:
+    """`python -m pretrain ARGS` from the repo root; with `faults` or `record` (see helpers/faults.py) through
+    fault_run.py."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AMP_TEST_FAULTS": faults, "AMP_TEST_RECORD": str(record or "")}
+    cmd = [sys.executable, str(FAULT_RUN)] if faults or record else [sys.executable, "-m", "pretrain"]
     return subprocess.Popen([*cmd, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
 
-def run_pretrain(args: list[str], faults: str = "", timeout: float = 600) -> tuple[int, str]:
-    proc = popen_pretrain(args, faults)
+def run_pretrain(args: list[str], faults: str = "", record: Path | None = None, timeout: float = 600
+                 ) -> tuple[int, str]:
+    proc = popen_pretrain(args, faults, record)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
