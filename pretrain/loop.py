@@ -5,6 +5,7 @@ good state)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import signal
 import time
 from dataclasses import dataclass, field
@@ -102,9 +103,17 @@ def setup(cfg: PretrainConfig) -> Run:
     fabric = strategy.build_fabric(cfg, p, model_config)
     fabric.launch()
     lock = _claim_out_dir(fabric, Path(cfg.out_dir))
+    try:
+        return _build(cfg, fabric, p, model_config, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(cfg: PretrainConfig, fabric, p: strategy.Plan, model_config, lock: RunLock) -> Run:
+    """Everything after the run folder is ours: the resume choice, model, optimizer, data, state, log."""
     steps = plan_steps(cfg, fabric.world_size)
     resumed_from = resume.choose(cfg, fabric.print, fabric.global_rank, fabric.barrier)
-
     model = strategy.setup_model(fabric, p, model_config, cfg.seed)
     optimizer = fabric.setup_optimizers(_build_optimizer(cfg, model, model_config))
     vocab = model_config.padded_vocab_size
@@ -113,7 +122,7 @@ def setup(cfg: PretrainConfig) -> Run:
                                                          fabric.print)
     state = TrainState()
     if resumed_from is not None:
-        _load(fabric, resumed_from, model, optimizer, train_data, state, model_config)
+        _load(resumed_from, model, optimizer, train_data, state, model_config)
         fabric.print(f"resumed from {resumed_from} at step {state.step} ({state.tokens_seen:,} tokens)")
     elif cfg.resume == "auto":
         fabric.print(f"no checkpoint in {cfg.out_dir}: starting fresh")
@@ -130,6 +139,8 @@ def _claim_out_dir(fabric, out_dir: Path) -> RunLock:
     lock, problem = RunLock(out_dir), None
     if fabric.global_rank == 0:
         try:
+            if out_dir.exists() and not out_dir.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder")
             out_dir.mkdir(parents=True, exist_ok=True)
             warning = lock.acquire()
             if warning:
@@ -166,7 +177,7 @@ def _checkpoint_state(model, optimizer, data, state: TrainState) -> dict:
             "data": DataState(data), "trainer": state}
 
 
-def _load(fabric, path: Path, model, optimizer, data, state: TrainState, model_config) -> None:
+def _load(path: Path, model, optimizer, data, state: TrainState, model_config) -> None:
     import yaml
 
     from checkpoints_util.layout import MODEL_CONFIG_FILE, CheckpointError

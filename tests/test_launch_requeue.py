@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from test_pretrain_util import assert_same_tensors, load_tensors, prepare_small, read_until
+from helpers.checkpoints import assert_same_tensors, checkpoint_tensors
+from helpers.runs import read_until
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -46,11 +47,6 @@ def app_args(data_dir: Path, out_dir: Path) -> list[str]:
             "--checkpoint.interval", "0", "--checkpoint.keep_last", "0", "--logging.interval", "1",
             "--logging.tensorboard", "false", "--system.accelerator", "cpu", "--seed", "7",
             "--out_dir", str(out_dir)]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
 
 
 @pytest.fixture()
@@ -123,8 +119,7 @@ def test_usr1_checkpoint_requeue_resume_equals_straight_run(data_dir, tmp_path, 
 
     # the same weights and optimizer state as the uninterrupted run, bitwise
     straight_final = straight / f"step-{STEPS:08d}"
-    assert_same_tensors(load_tensors(final / "model.pt"), load_tensors(straight_final / "model.pt"), "model")
-    assert_same_tensors(load_tensors(final / "optimizer.pt"), load_tensors(straight_final / "optimizer.pt"), "optimizer")
+    assert_same_tensors(checkpoint_tensors(final), checkpoint_tensors(straight_final), "checkpoint")
 
     # and the run exports: inspect sees the final step, transformers computes what litgpt computes
     import torch
@@ -142,7 +137,7 @@ def test_usr1_checkpoint_requeue_resume_equals_straight_run(data_dir, tmp_path, 
     import models
 
     gpt = GPT(models.get_config("debug"))
-    gpt.load_state_dict(load_tensors(final / "model.pt")["model"])
+    gpt.load_state_dict({k[len("model."):]: v for k, v in checkpoint_tensors(final).items() if k.startswith("model.")})
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     x = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -100,7 +100,9 @@ def test_fabric_run_settings_agree_or_fail():
 
 @pytest.mark.slow
 def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, tmp_path_factory):
-    from test_pretrain_util import prepare_small, read_until
+    from helpers.data import prepare_small
+    from helpers.dist import free_port
+    from helpers.runs import read_until
 
     data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
     out = tmp_path / "run"
@@ -130,11 +132,3 @@ def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {saved[0]} at step {trainer['step']}" in proc.stdout
     assert json.loads((out / f"step-{steps:08d}" / "trainer.json").read_text())["tokens_seen"] == steps * 128
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -24,10 +24,10 @@ RTOL = 1e-5
 
 
 def config(data_dir, out_dir, world: int, strategy: str = "fsdp", **extra):
-    return tiny_config(data_dir, out_dir, model__overrides=OVERRIDES, train__max_steps=STEPS,
-                       train__global_batch_tokens=GLOBAL_ROWS * 32, train__micro_batch_size=MICRO,
-                       checkpoint__interval=4, eval__interval=4, eval__batches=3,
-                       system__strategy=strategy if world > 1 else "single", system__devices=world, **extra)
+    values = dict(model__overrides=OVERRIDES, train__max_steps=STEPS, train__global_batch_tokens=GLOBAL_ROWS * 32,
+                  train__micro_batch_size=MICRO, checkpoint__interval=4, eval__interval=4, eval__batches=3,
+                  system__strategy=strategy if world > 1 else "single", system__devices=world)
+    return tiny_config(data_dir, out_dir, **{**values, **extra})
 
 
 def launch(cfg, faults: str = "", record=None) -> str:
@@ -115,3 +115,42 @@ def test_stop_under_fsdp_resumes_bitwise_and_on_other_world_sizes(data_dir, tmp_
             assert_same_tensors(final(straight), final(run), "checkpoint")
         else:
             assert_close_tensors(state_tensors(final(straight)), state_tensors(final(run)), RTOL, f"{strategy}{world}: ")
+
+
+def test_fsdp2_shards_cut_blocks():
+    import models
+
+    c = models.get_config("debug", **OVERRIDES)
+    assert {k for v in cut_blocks(c, 2, "fsdp2").values() for k in v} == {"whole"}   # norms split in half
+    assert "qkv" in {k for v in cut_blocks(c, 3, "fsdp2").values() for k in v}      # a Q/K head cut
+
+
+@pytest.mark.slow
+def test_fsdp2_on_2_and_3_ranks_equals_one_device_and_resumes_bitwise(data_dir, tmp_path, single):
+    reference = logged_losses(single)
+    for world in (2, 3):
+        run = tmp_path / f"fsdp2-{world}"
+        out = launch(config(data_dir, run, world, "fsdp2"))
+        assert f"fsdp2 x {world} cpu" in out
+        assert_losses_close(reference, logged_losses(run), range(1, STEPS + 1))
+        assert_close_tensors(state_tensors(final(single)), state_tensors(final(run)), RTOL, f"fsdp2 x {world}: ")
+    split = tmp_path / "split"
+    assert "stopped by SIGUSR1 after step 3" in launch(config(data_dir, split, 2, "fsdp2"), faults="stop_at=3")
+    assert "resumed from" in launch(config(data_dir, split, 2, "fsdp2"))
+    assert_same_tensors(final(tmp_path / "fsdp2-2"), final(split), "checkpoint")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager_under_fsdp(data_dir, tmp_path):
+    """system.compile: every Block compiled, under FSDP on 2 ranks, with activation checkpointing: 20 steps
+    within 1e-4 of the eager run (compiled kernels round differently)."""
+    runs = {}
+    for compiled in (False, True):
+        run = tmp_path / f"compile-{compiled}"
+        out = launch(config(data_dir, run, 2, train__max_steps=20, checkpoint__interval=0, eval__interval=0,
+                            system__compile=compiled, system__activation_checkpointing=True))
+        assert ("compiled, activation checkpointing" in out) == compiled
+        runs[compiled] = logged_losses(run)
+    assert sorted(runs[True]) == list(range(1, 21))
+    for s in runs[False]:
+        assert abs(runs[True][s] - runs[False][s]) <= 1e-4 * abs(runs[False][s]), (s, runs[True][s], runs[False][s])
