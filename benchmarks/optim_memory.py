@@ -28,7 +28,7 @@ def measure(name: str) -> dict:
     shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     layouts = model_layout(config, shapes)
     mini = adam_mini_state_bytes(layouts)
-    opt = AdamMini(units_from_module(model), layouts, fast=False)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager")
     opt.init_state()  # meta tensors: free
     assert optimizer_state_bytes(opt) == mini, name
     adamw = adamw_state_bytes(shapes)

@@ -12,7 +12,8 @@ import torch
 from litgpt import Config
 from torch import nn
 
-from optim.adam_mini import AdamMini
+from optim.adam_mini import AdamMini, momentum_dtype_of
+from optim.dispatch import Implementation
 from optim.layout import model_layout
 from optim.units import Unit, named_parameters, units_from_module
 
@@ -45,19 +46,20 @@ def model_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
 
 
 def build_optimizer(model: nn.Module, config: Config, name: str, lr: float, betas: tuple[float, float],
-                    eps: float, weight_decay: float, **kwargs) -> torch.optim.Optimizer:
+                    eps: float, weight_decay: float, *, implementation: Implementation = "auto",
+                    momentum_dtype: torch.dtype | str = torch.float32) -> torch.optim.Optimizer:
     """`adam_mini` (blocks from `config`) or `adamw` (torch's, fused when the device supports it).
 
-    Both decay matrices (embeddings included) and no norm weight or bias. Extra keyword arguments go
-    to `AdamMini` (e.g. `fast=`).
+    Both decay matrices (embeddings included) and no norm weight or bias. `implementation` and
+    `momentum_dtype` are Adam-mini's (see `AdamMini`); with `adamw` they must keep their defaults.
     """
     if name == "adam_mini":
         units, shapes = model_units(model)
-        return AdamMini(units, model_layout(config, shapes), lr=lr, betas=betas, eps=eps,
-                        weight_decay=weight_decay, **kwargs)
+        return AdamMini(units, model_layout(config, shapes), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        implementation=implementation, momentum_dtype=momentum_dtype)
     if name == "adamw":
-        if kwargs:
-            raise TypeError(f"unexpected arguments for adamw: {sorted(kwargs)}")
+        _check_adamw_options(implementation=(implementation, "auto"),
+                             momentum_dtype=(momentum_dtype_of(momentum_dtype), torch.float32))
         from optim import flat
 
         if _is_fsdp1(model) or flat.is_fsdp1(model):
@@ -78,14 +80,21 @@ def build_optimizer(model: nn.Module, config: Config, name: str, lr: float, beta
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
+def _check_adamw_options(**options: tuple) -> None:
+    """ValueError naming the first Adam-mini option `name=(value, default)` that is not at its default."""
+    for option, (value, default) in options.items():
+        if value != default:
+            raise ValueError(f"{option}={value} applies to adam_mini only; the adamw baseline takes the default")
+
+
 def _fused_supported(params: Iterable[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW kernel exists for these parameters' device and dtypes."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     params = list(params)
     devices = _get_fused_kernels_supported_devices()
-    return bool(params) and all(p.device.type in devices and p.is_floating_point() and type(p) in (torch.Tensor, nn.Parameter)
-                                for p in params)
+    return bool(params) and all(p.device.type in devices and p.is_floating_point()
+                                and type(p) in (torch.Tensor, nn.Parameter) for p in params)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

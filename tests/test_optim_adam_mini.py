@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import models
-import optim.adam_mini as adam_mini_module
 from optim.adam_mini import AdamMini
 from optim.build import build_optimizer, optimizer_state_bytes
 from optim.layout import model_layout
@@ -98,7 +97,7 @@ def test_matches_float64_reference_on_debug_model(grad_scale, eps):
     config, model = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
     hp = dict(HP, eps=eps)
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **hp)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **hp)
     ref = Reference(dict(model.named_parameters()), layouts, **hp)
     wrong = Reference(dict(model.named_parameters()), layouts, **hp, eps_inside_sqrt=True)
     p0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
@@ -123,7 +122,7 @@ def test_matches_float64_reference_on_debug_model(grad_scale, eps):
 def test_none_grads_are_skipped_and_closure_works():
     config, model = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **HP)
     ref = Reference(dict(model.named_parameters()), layouts, **HP)
     skipped = {"transformer.h.1.attn.qkv.weight", "transformer.ln_f.weight"}
     before = {n: dict(model.named_parameters())[n].detach().clone() for n in skipped}
@@ -155,10 +154,10 @@ def test_state_dict_round_trip_continues_exactly():
     config, model_a = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model_a.named_parameters()])
     model_b = copy.deepcopy(model_a)
-    opt_a = AdamMini(units_from_module(model_a), layouts, fast=False, **HP)
+    opt_a = AdamMini(units_from_module(model_a), layouts, implementation="eager", **HP)
     _run(model_a, opt_a, range(10))
 
-    opt_b = AdamMini(units_from_module(model_b), layouts, fast=False, **HP)
+    opt_b = AdamMini(units_from_module(model_b), layouts, implementation="eager", **HP)
     _run(model_b, opt_b, range(5))
     buf = io.BytesIO()
     torch.save({"model": model_b.state_dict(), "optim": opt_b.state_dict()}, buf)
@@ -166,7 +165,7 @@ def test_state_dict_round_trip_continues_exactly():
     saved = torch.load(buf)
     _, model_c = debug_model(seed=123)  # different weights: everything must come from the checkpoint
     model_c.load_state_dict(saved["model"])
-    opt_c = AdamMini(units_from_module(model_c), layouts, fast=False, lr=0.5, betas=(0.5, 0.5), eps=1.0, weight_decay=0.0)
+    opt_c = AdamMini(units_from_module(model_c), layouts, implementation="eager", lr=0.5, betas=(0.5, 0.5), eps=1.0, weight_decay=0.0)
     opt_c.load_state_dict(saved["optim"])
     assert opt_c.param_groups[0]["betas"] == HP["betas"] and opt_c.param_groups[0]["weight_decay"] == HP["weight_decay"]
     _run(model_c, opt_c, range(5, 10))
@@ -182,7 +181,7 @@ def test_bf16_params_keep_fp32_state(path):
         pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
     config, model = debug_model(dtype=torch.bfloat16)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, **(dict(fast=False) if path == "eager" else dict(native=True)), **HP)
+    opt = AdamMini(units_from_module(model), layouts, implementation=path, **HP)
     assert opt.implementation == path
     # reference: float64 math, rounded to bf16 after every step like the optimizer's write-back
     ref = Reference(dict(model.named_parameters()), layouts, **HP)
@@ -257,12 +256,12 @@ def test_sharded_units_with_mid_block_cuts_match_reference(monkeypatch):
     cuts = [0, 64 + 1024 + 517, 64 + 4096 + 700, 64 + 6144 + 33, 64 + 8192 + 100, 64 + 8192 + 4096 + 30, flat.numel()]
     world, pad = len(cuts) - 1, 5
     group = FakeGroup(world)
-    monkeypatch.setattr(adam_mini_module.dist, "all_reduce", group.all_reduce)
+    monkeypatch.setattr(dist, "all_reduce", group.all_reduce)
     units = shard_units(names, layouts, flat, cuts, group, pad)
-    opts = [AdamMini([u], layouts, fast=False, **HP) for u in units]
+    opts = [AdamMini([u], layouts, implementation="eager", **HP) for u in units]
     for left, right in zip(opts, opts[1:]):  # every cut splits a block between two ranks
         last, first = left.plans[0].chunks[-1], right.plans[0].chunks[0]
-        full = int(left.plans[0].block_numel_tensor()[last.block])
+        full = left.plans[0].block_numel(last.block)
         assert last.block == first.block and last.length + first.length == full
     ref = Reference({n: params[n] for n in names}, layouts, **HP)
     for step in range(10):
@@ -289,7 +288,7 @@ def test_sharded_units_with_mid_block_cuts_match_reference(monkeypatch):
         assert rel_err(opt.state[u.param]["exp_avg_sq"], v_ref) <= 1e-5
 
 
-def test_fast_path_equals_eager_on_full_and_partial_chunks():
+def test_compiled_chunks_equal_eager_on_full_and_partial_chunks():
     """Compiled per-chunk kernels vs the eager path, on shards with partial blocks (few shapes: compile is slow)."""
     from optim import kernels
 
@@ -302,26 +301,26 @@ def test_fast_path_equals_eager_on_full_and_partial_chunks():
     flat = torch.cat([params[n].detach().reshape(-1) for n in names])
     cuts = [0, 64 + 4096 + 512, flat.numel()]  # mid K group: both ranks get a (512, 1) partial chunk
     runs = {}
-    for fast in (False, True):
+    for impl in ("eager", "compiled"):
         units = shard_units(names, layouts, flat, cuts, None, pad=3)
-        opts = [AdamMini([u], layouts, fast=fast, **HP) for u in units]
-        assert all(o.fast == fast for o in opts)
+        opts = [AdamMini([u], layouts, implementation=impl, **HP) for u in units]
+        assert all(o.implementation == impl for o in opts)
         for step in range(3):
             gen = torch.Generator().manual_seed(step)
             for opt, u in zip(opts, units):
                 u.param.grad = torch.randn(u.param.numel(), generator=gen)
                 opt.param_groups[0]["lr"] = HP["lr"] / (1 + step)
                 opt.step()
-        runs[fast] = [(u.param.detach().clone(), o.state[u.param]) for u, o in zip(units, opts)]
+        runs[impl] = [(u.param.detach().clone(), o.state[u.param]) for u, o in zip(units, opts)]
     assert kernels.cached_kernels() >= 4
-    for (pe, se), (pf, sf) in zip(runs[False], runs[True]):
+    for (pe, se), (pf, sf) in zip(runs["eager"], runs["compiled"]):
         assert rel_err(pf, pe.double()) <= 1e-6
         assert rel_err(sf["exp_avg"], se["exp_avg"].double()) <= 1e-6
         assert torch.equal(sf["exp_avg_sq"], se["exp_avg_sq"])
-    assert torch.equal(runs[True][-1][0][-3:], torch.full((3,), 7.0))  # padding untouched
+    assert torch.equal(runs["compiled"][-1][0][-3:], torch.full((3,), 7.0))  # padding untouched
 
 
-def test_fast_whole_block_path_equals_eager_and_reference():
+def test_compiled_rows_equal_eager_and_reference():
     """Unsharded units (complete blocks): the grouped compiled kernels (block sums included) vs eager and float64.
 
     The compiled path serves these units off CPU (on CPU the native kernel does, see test_optim_native).
@@ -333,11 +332,11 @@ def test_fast_whole_block_path_equals_eager_and_reference():
         pytest.skip("torch.compile is not usable here")
     config, _ = debug_model()
     runs = {}
-    for fast in (False, True):
+    for impl in ("eager", "compiled"):
         _, model = debug_model()
         layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-        opt = AdamMini(units_from_module(model), layouts, fast=fast, native=False, **HP)  # native: test_optim_native
-        assert opt.fast == fast and all(opt._whole)
+        opt = AdamMini(units_from_module(model), layouts, implementation=impl, **HP)  # native: test_optim_native
+        assert opt.implementation == impl and all(p.complete_blocks for p in opt.plans)
         ref = Reference(dict(model.named_parameters()), layouts, **HP)
         for step in range(3):
             grads = random_grads(model, step)
@@ -346,16 +345,38 @@ def test_fast_whole_block_path_equals_eager_and_reference():
             set_grads(model, grads)
             opt.step()
             ref.step(grads, lr=lr)
-        runs[fast] = {n: (p.detach().clone(), opt.state[p]) for n, p in model.named_parameters()}
+        runs[impl] = {n: (p.detach().clone(), opt.state[p]) for n, p in model.named_parameters()}
         for n, p in model.named_parameters():
             assert rel_err(p, ref.p[n]) <= 1e-6, n
             assert rel_err(opt.state[p]["exp_avg_sq"], ref.v[n]) <= 1e-5, n
-    for n, (pe, se) in runs[False].items():
-        pf, sf = runs[True][n]
+    for n, (pe, se) in runs["eager"].items():
+        pf, sf = runs["compiled"][n]
         assert rel_err(pf, pe.double()) <= 1e-6, n
         assert rel_err(sf["exp_avg"], se["exp_avg"].double()) <= 1e-6, n
         assert rel_err(sf["exp_avg_sq"], se["exp_avg_sq"].double()) <= 1e-6, n
         assert float(sf["step"]) == 3
+
+
+def test_implementation_choices_resolve_once_or_fail_naming_the_option(monkeypatch):
+    from optim import dispatch, kernels, native
+
+    config, model = debug_model()
+    layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
+
+    def build(implementation="auto"):
+        return AdamMini(units_from_module(model), layouts, implementation=implementation, **HP)
+
+    monkeypatch.setattr(native, "available", lambda: False)  # e.g. no C++ compiler: auto has two choices left
+    monkeypatch.setattr(kernels, "compile_available", lambda: True)
+    assert build().implementation == "eager"  # the debug model is below FAST_MIN_NUMEL: compiling would not pay
+    monkeypatch.setattr(dispatch, "FAST_MIN_NUMEL", 1)
+    assert build().paths == ["compiled"] * len(layouts)
+    monkeypatch.setattr(kernels, "compile_available", lambda: False)
+    assert build().implementation == "eager"
+    with pytest.raises(RuntimeError, match="implementation='compiled': torch.compile is not usable"):
+        build("compiled")
+    with pytest.raises(ValueError, match="implementation must be one of auto, native, compiled, eager; got 'fast'"):
+        build("fast")
 
 
 # ----------------------------------------------------------------------------- build and memory
@@ -370,7 +391,7 @@ def test_build_optimizer_strips_wrappers_and_adamw_groups():
             self._forward_module.module._orig_mod = inner
 
     wrapped = Wrapper(model)
-    opt = build_optimizer(wrapped, config, "adam_mini", fast=False, **HP)
+    opt = build_optimizer(wrapped, config, "adam_mini", implementation="eager", **HP)
     assert [u.names[0] for u in opt.units] == [n for n, _ in model.named_parameters()]
     adamw = build_optimizer(wrapped, config, "adamw", **HP)
     decay, no_decay = adamw.param_groups
@@ -398,7 +419,7 @@ def test_state_bytes_formulas_match_real_optimizers_and_tinyllama_ratio():
     ratio = adam_mini_state_bytes(layouts) / adamw_state_bytes(shapes)
     assert 0.5 < ratio <= 0.5005
     assert 350_000 < v_entries(layouts) < 450_000
-    opt = AdamMini(units_from_module(meta), layouts, fast=False)
+    opt = AdamMini(units_from_module(meta), layouts, implementation="eager")
     opt.init_state()  # meta tensors: the real optimizer's own accounting agrees with the formula
     assert optimizer_state_bytes(opt) == adam_mini_state_bytes(layouts)
 
@@ -424,7 +445,7 @@ def _ddp_worker(rank, world, port, out_dir):
     try:
         config, model = debug_model(vocab_size=256)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = build_optimizer(ddp, config, "adam_mini", fast=False, **HP)
+        opt = build_optimizer(ddp, config, "adam_mini", implementation="eager", **HP)
         assert all(u.group is None for u in opt.units)
         for step in range(DDP_STEPS):
             opt.zero_grad()
@@ -443,7 +464,7 @@ def test_ddp_two_processes_equal_single_process_with_averaged_grads(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     config, model = debug_model(vocab_size=256)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **HP)
     for step in range(DDP_STEPS):
         grads = []
         for rank in range(2):

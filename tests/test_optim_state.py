@@ -24,7 +24,7 @@ def _setup(seed=0, **hp):
     model = models.build_model(config, device="cpu")
     models.init_model(model, config.n_layer, config.n_embd)
     layouts = model_layout(config, [(n, tuple(p.shape)) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **{**HP, **hp})
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **{**HP, **hp})
     return model, opt, layouts
 
 
