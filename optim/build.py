@@ -6,7 +6,7 @@ are handled here (one unit per parameter). FSDP1 FlatParameters (`optim/flat.py`
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 from litgpt import Config
@@ -14,7 +14,7 @@ from torch import nn
 
 from optim.adam_mini import AdamMini, momentum_dtype_of
 from optim.dispatch import Implementation
-from optim.layout import model_layout
+from optim.layout import Partition, model_layout
 from optim.units import Unit, named_parameters, units_from_module
 
 OPTIMIZERS = ("adam_mini", "adamw")
@@ -47,19 +47,24 @@ def model_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
 
 def build_optimizer(model: nn.Module, config: Config, name: str, lr: float, betas: tuple[float, float],
                     eps: float, weight_decay: float, *, implementation: Implementation = "auto",
-                    momentum_dtype: torch.dtype | str = torch.float32) -> torch.optim.Optimizer:
+                    momentum_dtype: torch.dtype | str = torch.float32,
+                    embedding_blocks: Literal["tokens", "elements"] = "tokens",
+                    value_blocks: Literal["rows", "whole"] = "rows") -> torch.optim.Optimizer:
     """`adam_mini` (blocks from `config`) or `adamw` (torch's, fused when the device supports it).
 
-    Both decay matrices (embeddings included) and no norm weight or bias. `implementation` and
-    `momentum_dtype` are Adam-mini's (see `AdamMini`); with `adamw` they must keep their defaults.
+    Both decay matrices (embeddings included) and no norm weight or bias. The keyword options are
+    Adam-mini's: `implementation` and `momentum_dtype` (see `AdamMini`), `embedding_blocks` and
+    `value_blocks` (see `optim.layout.Partition`); with `adamw` they must keep their defaults.
     """
+    partition = Partition(embedding_blocks=embedding_blocks, value_blocks=value_blocks)
     if name == "adam_mini":
         units, shapes = model_units(model)
-        return AdamMini(units, model_layout(config, shapes), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        implementation=implementation, momentum_dtype=momentum_dtype)
+        return AdamMini(units, model_layout(config, shapes, partition), lr=lr, betas=betas, eps=eps,
+                        weight_decay=weight_decay, implementation=implementation, momentum_dtype=momentum_dtype)
     if name == "adamw":
         _check_adamw_options(implementation=(implementation, "auto"),
-                             momentum_dtype=(momentum_dtype_of(momentum_dtype), torch.float32))
+                             momentum_dtype=(momentum_dtype_of(momentum_dtype), torch.float32),
+                             embedding_blocks=(embedding_blocks, "tokens"), value_blocks=(value_blocks, "rows"))
         from optim import flat
 
         if _is_fsdp1(model) or flat.is_fsdp1(model):

@@ -54,9 +54,24 @@ struct Hyper {
   float b1, one_minus_b1, b2, one_minus_b2, bc2, lr_over_bc1, eps, decay;
 };
 
+// Blocks of one element (biases, `elements` embeddings): step_rows' arithmetic without its per-row lane set-up
+// (the lane sum of one square is that square, and s / 1 is s), as one loop the compiler can vectorise.
+template <class P, class G, class M>
+void step_elements(P* p, const G* g, M* m, float* v, int64_t row0, int64_t row1, const Hyper& h, float decay) {
+  for (int64_t r = row0; r < row1; ++r) {
+    const float x = load(g, r);
+    const float vr = h.b2 * v[r] + h.one_minus_b2 * (x * x);
+    v[r] = vr;
+    const float scale = h.lr_over_bc1 / (std::sqrt(vr / h.bc2) + h.eps);
+    const float mr = store(m, r, h.b1 * load(m, r) + h.one_minus_b1 * x);
+    store(p, r, load(p, r) * decay - scale * mr);
+  }
+}
+
 template <class P, class G, class M>
 void step_rows(P* p, const G* g, M* m, float* v, int64_t row0, int64_t row1, int64_t n, const Hyper& h,
                float decay) {
+  if (n == 1) return step_elements(p, g, m, v, row0, row1, h, decay);
   const float inv_n = 1.0f / static_cast<float>(n);
   for (int64_t r = row0; r < row1; ++r) {
     P* pr = p + r * n;
