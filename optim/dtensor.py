@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from optim.units import Segment, Unit, canonical_name, named_parameters
+from optim.units import Segment, Unit, named_parameters
 
 
 def _dtensor_class():
@@ -31,11 +31,6 @@ def _dtensor_class():
 def is_dtensor(t) -> bool:
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
-
-
-def has_dtensor_params(model: nn.Module) -> bool:
-    """True when some parameter of `model` is a DTensor (FSDP2 / `fully_shard`)."""
-    return any(is_dtensor(p) for p in model.parameters())
 
 
 def row_shard(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -89,13 +84,9 @@ def dtensor_unit(name: str, p) -> Unit:
     return Unit(param=p, names=(name,), segments=segments, group=group, label=f"dtensor:{name}")
 
 
-def units_from_dtensors(model: nn.Module) -> list[Unit]:
-    """One unit per trainable parameter of an FSDP2 model: DTensors as above, plain tensors unsharded."""
-    return dtensor_units(model)[0]
-
-
 def dtensor_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int, ...]]]]:
-    """`units_from_dtensors` and the global ``(fqn, shape)`` of every parameter (what `model_layout` takes)."""
+    """One unit per trainable parameter of an FSDP2 model (DTensors as above, plain tensors unsharded) and the
+    global ``(fqn, shape)`` of every parameter (what `model_layout` takes)."""
     units, shapes = [], []
     for name, p in named_parameters(model):
         if is_dtensor(p):
@@ -107,4 +98,4 @@ def dtensor_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[i
     return units, shapes
 
 
-__all__ = ["dtensor_unit", "dtensor_units", "has_dtensor_params", "is_dtensor", "row_shard", "units_from_dtensors"]
+__all__ = ["dtensor_unit", "dtensor_units", "is_dtensor", "row_shard"]
