@@ -23,7 +23,8 @@ from optim.units import Segment, Unit, units_from_module
 from optim.update import StepHyper
 from test_optim_adam_mini import HP, Reference, debug_model, random_grads, rel_err, set_grads
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernel unavailable: {native.unavailable_reason()}")
 
 B1, B2, EPS = 0.9, 0.95, 1e-8
 
@@ -46,27 +47,32 @@ def _chunks(shapes, decays) -> tuple[list[Chunk], int, int]:
 
 
 def _expected(p, g, m, v, chunks, t, lr, wd):
-    """The update of ADAM_MINI.md in float64, from the same inputs (p, g upcast)."""
-    p, g, m, v = (x.double().clone() for x in (p, g, m, v))
+    """The update of ADAM_MINI.md in float64 from the same inputs (p, g upcast), except m: its contract is
+    fl(fl(b1·m) + fl((1 - b1)·g)) in float32 (torch's own ops here), stored in m's dtype (torch's cast, round to
+    nearest even); the step uses the stored m."""
+    m_stored = m.clone()
+    p, g, v = (x.double().clone() for x in (p, g, v))
     for c in chunks:
         sl = slice(c.offset, c.offset + c.numel)
         gr = g[sl].view(c.rows, c.length)
         v[c.block:c.block + c.rows] = B2 * v[c.block:c.block + c.rows] + (1 - B2) * (gr * gr).mean(1)
-        m[sl] = B1 * m[sl] + (1 - B1) * g[sl]
+        m_stored[sl] = (m_stored[sl].float() * B1 + g[sl].float() * (1 - B1)).to(m.dtype)
         vhat = v[c.block:c.block + c.rows] / (1 - B2 ** t)
         scale = lr / (1 - B1 ** t) / (vhat.sqrt() + EPS)
         decay = 1 - lr * wd if c.decay else 1.0
-        p[sl] = (p[sl].view(c.rows, c.length) * decay - scale[:, None] * m[sl].view(c.rows, c.length)).reshape(-1)
-    return p, m, v
+        m_used = m_stored[sl].double().view(c.rows, c.length)
+        p[sl] = (p[sl].view(c.rows, c.length) * decay - scale[:, None] * m_used).reshape(-1)
+    return p, m_stored, v
 
 
-@pytest.mark.parametrize("p_dtype, g_dtype", list(itertools.product([torch.float32, torch.bfloat16], repeat=2)))
-def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dtype):
+@pytest.mark.parametrize("p_dtype, g_dtype, m_dtype",
+                         list(itertools.product([torch.float32, torch.bfloat16], repeat=3)))
+def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dtype, m_dtype):
     gen = torch.Generator().manual_seed(0)
     chunks, numel, n_blocks = _chunks(SHAPES, [True, False] * 4)
     p = torch.randn(numel, generator=gen).to(p_dtype)
     g = (torch.randn(numel, generator=gen) * torch.rand(numel, generator=gen) * 1e-2).to(g_dtype)
-    m = torch.randn(numel, generator=gen) * 1e-3
+    m = (torch.randn(numel, generator=gen) * 1e-3).to(m_dtype)
     v = torch.rand(n_blocks, generator=gen) * 1e-5
     gaps = torch.ones(numel, dtype=torch.bool)
     for c in chunks:
@@ -77,7 +83,7 @@ def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dty
     native.RowsStep([chunks])([(p, g, m, v)], _hyper(t, lr, wd), threads=2)
 
     assert rel_err(v, want_v) <= 1e-6
-    assert rel_err(m[~gaps], want_m[~gaps]) <= 1e-6
+    assert m.dtype == m_dtype and torch.equal(m, want_m)  # bit for bit, rounding included
     if p_dtype == torch.float32:
         assert rel_err(p[~gaps], want_p[~gaps]) <= 1e-6
     else:  # the float64 result rounded to bf16, up to one ulp where fp32 arithmetic lands across a tie
@@ -87,6 +93,24 @@ def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dty
         assert ((got.float() - want.float()).abs() <= ulp).all()
         assert (got == want).float().mean() >= 0.99
     assert torch.equal(p[gaps], p_gap) and torch.equal(m[gaps], m_gap)  # outside the chunks: untouched
+
+
+def test_kernel_bf16_momentum_rounds_to_nearest_even_and_the_step_uses_it():
+    """m bf16 with b1 = 0, 1 - b1 = 1: m <- g exactly in fp32, so the stored m is g rounded to bf16. Checked
+    against torch's cast on ties (two go down to even, two up), NaN with every payload bit set (a bare
+    round-to-nearest would carry into the sign), and ±inf; the step (scale 1: v = 0, lr/bc1 = 1, eps = 1)
+    subtracts the stored, rounded m from p."""
+    one = 1.0 + 2.0 ** -8  # halfway between bf16 1.0 and 1.0078125
+    g = torch.tensor([one, -one, 1.0 + 3 * 2.0 ** -8, 3.0 * one, 0.1, float("inf"), -float("inf"), 0.0])
+    g[7:] = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    hyper = StepHyper(beta1=0.0, one_minus_beta1=1.0, beta2=0.0, one_minus_beta2=0.0, bias_correction2=1.0,
+                      lr_over_bias_correction1=1.0, eps=1.0, decay=1.0)
+    p, m = torch.zeros(8), torch.full((8,), 5.0, dtype=torch.bfloat16)
+    native.RowsStep([[Chunk(0, 8, 1, 0, False)]])([(p, g, m, torch.zeros(8))], hyper)
+    want = g.to(torch.bfloat16)
+    assert torch.equal(m[:7], want[:7]) and m[:3].tolist() == [1.0, -1.0, 1.015625]
+    assert torch.isnan(m[7]) and not torch.signbit(m[7].float())
+    assert torch.equal(p[:5], -want[:5].float())  # (the infinite rows have v = 0·inf = NaN)
 
 
 def test_kernel_bf16_rounds_to_nearest_even_and_keeps_nan():
