@@ -21,7 +21,9 @@ OPTIMIZERS = ("adam_mini", "adamw")
 
 
 def _is_fsdp1(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "FlatParameter" for p in model.parameters())
+    from optim import flat
+
+    return flat.is_fsdp1(model) or any(type(p).__name__ == "FlatParameter" for p in model.parameters())
 
 
 def _is_fsdp2(model: nn.Module) -> bool:
@@ -36,7 +38,7 @@ def model_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
     """
     from optim import dtensor, flat
 
-    if _is_fsdp1(model) or flat.is_fsdp1(model):
+    if _is_fsdp1(model):
         return flat.fsdp1_units(model)  # one unit per FlatParameter (use_orig_params=True is refused there)
     if _is_fsdp2(model):
         return dtensor.dtensor_units(model)  # one unit per DTensor parameter (Shard(0) rows)
@@ -65,9 +67,7 @@ def build_optimizer(model: nn.Module, config: Config, name: str, lr: float, beta
         _check_adamw_options(implementation=(implementation, "auto"),
                              momentum_dtype=(momentum_dtype_of(momentum_dtype), torch.float32),
                              embedding_blocks=(embedding_blocks, "tokens"), value_blocks=(value_blocks, "rows"))
-        from optim import flat
-
-        if _is_fsdp1(model) or flat.is_fsdp1(model):
+        if _is_fsdp1(model):
             # FlatParameters mix decayed matrices with norms: decay per original parameter instead.
             from optim.adamw import SegmentDecayAdamW
 

@@ -13,9 +13,9 @@
   usable, else eager. A compile costs seconds per chunk shape, which only pays off for real models:
   tests and the `debug` model stay eager off CPU.
 
-All paths compute the same update (see `optim.adam_mini`); they differ in rounding only through the
-order of the block sums of g², which is why the choice is an option of the run and never an
-environment variable.
+All paths compute the same update (see `optim.adam_mini`) and store the same first moment bit for bit;
+v and p differ in rounding (the block sums of g² add in different orders), so the choice is an option of
+the run, never an environment variable.
 """
 from __future__ import annotations
 

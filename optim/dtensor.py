@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from optim.units import Segment, Unit, named_parameters
+from optim.units import Segment, Unit, named_parameters, whole_unit
 
 
 def _dtensor_class():
@@ -65,8 +65,7 @@ def dtensor_unit(name: str, p) -> Unit:
     if not shard_dims:
         if local.numel() != numel:
             raise RuntimeError(f"optim.dtensor: replicated {name!r} holds {local.numel()} of {numel} elements")
-        return Unit(param=p, names=(name,), segments=(Segment(name, 0, numel, 0),) if numel else (),
-                    group=None, label=f"dtensor:{name}")
+        return whole_unit(name, p, label=f"dtensor:{name}")
 
     mesh_dim = shard_dims[0]
     shape = tuple(p.shape)
@@ -89,11 +88,7 @@ def dtensor_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[i
     global ``(fqn, shape)`` of every parameter (what `model_layout` takes)."""
     units, shapes = [], []
     for name, p in named_parameters(model):
-        if is_dtensor(p):
-            units.append(dtensor_unit(name, p))
-        else:
-            units.append(Unit(param=p, names=(name,), segments=(Segment(name, 0, p.numel(), 0),) if p.numel() else (),
-                              group=None, label=name))
+        units.append(dtensor_unit(name, p) if is_dtensor(p) else whole_unit(name, p))
         shapes.append((name, tuple(int(x) for x in p.shape)))
     return units, shapes
 

@@ -47,8 +47,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from optim.units import local_1d
-
 
 # --------------------------------------------------------------------------------------------------
 # What every name maps to inside the optimizer
