@@ -18,7 +18,11 @@ Bytes are payload sizes (the full tensor each collective produces on every rank)
 a ring moves ~2(W-1)/W x payload per rank for an all-reduce and (W-1)/W x for an all-gather, so the
 ratio of wire bytes is about half the payload ratio.
 
-    python benchmarks/fsdp_layout.py [--model tinyllama-1.1b] [--world 8]
+With `--embedding-blocks elements` / `--value-blocks whole` (the Adam-mini partition options) the
+blocks and the all-reduce bytes follow the choice.
+
+    python -m benchmarks.fsdp_layout [--model tinyllama-1.1b] [--world 8] [--embedding-blocks tokens|elements]
+                                     [--value-blocks rows|whole]
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import json
 import models
 from optim.blocks import plan_unit
 from optim.flat import flat_shard_segments
-from optim.layout import model_layout
+from optim.layout import EMBEDDING_BLOCKS, VALUE_BLOCKS, Partition, model_layout
 from optim.units import Segment, Unit
 
 BF16, FP32 = 2, 4
@@ -51,9 +55,9 @@ def fsdp1_units(config) -> list[tuple[str, list[tuple[str, int]]]]:
     return units
 
 
-def analyse(config, world: int) -> dict:
+def analyse(config, world: int, partition: Partition = Partition()) -> dict:
     model = models.build_model(config, device="meta")
-    layouts = model_layout(config, [(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    layouts = model_layout(config, [(n, tuple(p.shape)) for n, p in model.named_parameters()], partition)
     rows = []
     for label, params in fsdp1_units(config):
         names = tuple(n for n, _ in params)
@@ -65,8 +69,7 @@ def analyse(config, world: int) -> dict:
             unit = Unit(param=None, names=names, segments=tuple(Segment(names[i], a, b, off) for i, a, b, off in segs))
             plan = plan_unit(unit, layouts)
             for c in plan.chunks:
-                runs_numel = _block_numel(plan.block_runs, c.block)
-                if c.rows == 1 and c.length < runs_numel:
+                if c.rows == 1 and c.length < plan.block_numel(c.block):
                     partial_blocks.setdefault(c.block, set()).add(rank)
         n_blocks = sum(layouts[n].n_blocks for n in names)
         straddling = sum(1 for ranks in partial_blocks.values() if len(ranks) > 1)
@@ -82,32 +85,30 @@ def analyse(config, world: int) -> dict:
                 allreduce_bytes=total_ar, allgather_bytes=total_ag, ratio=total_ag / total_ar)
 
 
-def _block_numel(block_runs, block: int) -> int:
-    for n, b in block_runs:
-        if block < n:
-            return b
-        block -= n
-    raise IndexError(block)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tinyllama-1.1b", choices=models.CONFIG_NAMES)
     parser.add_argument("--world", type=int, default=8)
+    parser.add_argument("--embedding-blocks", default="tokens", choices=EMBEDDING_BLOCKS)
+    parser.add_argument("--value-blocks", default="rows", choices=VALUE_BLOCKS)
     args = parser.parse_args()
-    res = analyse(models.get_config(args.model), args.world)
+    partition = Partition(embedding_blocks=args.embedding_blocks, value_blocks=args.value_blocks)
+    res = analyse(models.get_config(args.model), args.world, partition)
     header = f"{'unit':16s} {'params':>12s} {'pad':>4s} {'blocks':>8s} {'straddle':>8s} " \
              f"{'all-reduce B/step':>18s} {'all-gather B/step':>18s} {'ratio':>8s}"
-    print(f"{res['model']} under FSDP1 on {res['world']} ranks (per Block + root; bf16 params, fp32 block sums)")
+    print(f"{res['model']} under FSDP1 on {res['world']} ranks (per Block + root; bf16 params, fp32 block sums; "
+          f"{partition})")
     print(header)
     print("-" * len(header))
     for r in res["rows"]:
+        ratio = r["allgather_bytes"] / r["allreduce_bytes"]
         print(f"{r['unit']:16s} {r['params']:12,d} {r['padding']:4d} {r['blocks']:8,d} {r['straddling']:8d} "
-              f"{r['allreduce_bytes']:18,d} {r['allgather_bytes']:18,d} {r['allgather_bytes'] / r['allreduce_bytes']:8,.0f}")
+              f"{r['allreduce_bytes']:18,d} {r['allgather_bytes']:18,d} {ratio:8,.0f}")
     print("-" * len(header))
     print(f"{'total':16s} {sum(r['params'] for r in res['rows']):12,d} {'':4s} {res['blocks']:8,d} "
           f"{res['straddling']:8d} {res['allreduce_bytes']:18,d} {res['allgather_bytes']:18,d} {res['ratio']:8,.0f}")
     summary = {k: v for k, v in res.items() if k != "rows"}
+    summary["partition"] = str(partition)
     summary["per_unit"] = [{k: r[k] for k in ("unit", "blocks", "straddling", "allreduce_bytes", "allgather_bytes")}
                            for r in res["rows"]]
     print(json.dumps(summary))

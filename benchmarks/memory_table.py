@@ -13,6 +13,8 @@ even split, the last rank right-padded: `optim.flat.even_shard_bounds`):
     Adam-mini 4·c + 4·B + 4    exp_avg fp32 like the shard, + one fp32 v per block of the WHOLE unit
                                (B = blocks of all the unit's parameters, `optim.layout`), replicated on
                                every rank (not divided by W), + a 0-d fp32 step
+    Adam-mini 2·c + 4·B + 4    the same with a bf16 exp_avg (`momentum_dtype=bfloat16`)
+    (bf16 m)
     transient 2·(N_root + 2·N_block) + 2·max(N_root, N_block)
               bf16 all-gathered parameters: the root unit (FSDP1 keeps the root unsharded from forward
               to backward), the Block being computed and the one prefetched (limit_all_gathers);
@@ -32,7 +34,8 @@ most the card's memory (40 GiB, 80 GiB). W = 1 is counted with the same formulas
 to NO_SHARD; the bf16 compute copies are the same size). Nothing is allocated: shapes come from the
 meta-device model. Prints a table and, last, one JSON line.
 
-    python benchmarks/memory_table.py --check-fsdp 3 [--seq-len 2048] [--micro-batch 1] [--reserve-gib 2]   # also writes benchmarks/results/memory_table.md
+    python -m benchmarks.memory_table --check-fsdp 3 [--seq-len 2048] [--micro-batch 1] [--reserve-gib 2]
+    (also writes benchmarks/results/memory_table.md)
 """
 from __future__ import annotations
 
@@ -42,19 +45,19 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import models
+from optim.flat import even_shard_bounds
+from optim.layout import model_layout
 
-import models  # noqa: E402
-from optim.flat import even_shard_bounds  # noqa: E402
-from optim.layout import model_layout  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ("tinyllama-1.1b", "llama2-7b", "llama2-13b")
 WORLD_SIZES = (1, 8, 16)
 CARDS_GIB = (40, 80)
-OPTIMIZERS = ("adamw", "adam_mini")
-LABEL = {"adamw": "AdamW", "adam_mini": "Adam-mini"}
+OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_bf16m")
+LABEL = {"adamw": "AdamW", "adam_mini": "Adam-mini", "adam_mini_bf16m": "Adam-mini (bf16 m)"}
+BUILD_OPTIONS = {"adamw": ("adamw", {}), "adam_mini": ("adam_mini", {}),
+                 "adam_mini_bf16m": ("adam_mini", {"momentum_dtype": "bfloat16"})}
 GIB = 2 ** 30
 STEP_BYTES = 4
 _BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
@@ -77,7 +80,7 @@ def fsdp_units(config) -> list[dict]:
 
 
 def chunk(numel: int, world: int) -> int:
-    start, end, pad = even_shard_bounds(numel, 0, world)  # rank 0 holds a full chunk; every rank's buffer has this size
+    start, end, pad = even_shard_bounds(numel, 0, world)  # rank 0: a full chunk, every rank's buffer size
     return end - start + pad
 
 
@@ -91,6 +94,7 @@ def per_gpu_bytes(units: list[dict], world: int) -> dict[str, int]:
         "grads": sum(4 * x for x in c),
         "adamw": sum(8 * x + STEP_BYTES for x in c),
         "adam_mini": sum(4 * x + 4 * u["blocks"] + STEP_BYTES for x, u in zip(c, units)),
+        "adam_mini_bf16m": sum(2 * x + 4 * u["blocks"] + STEP_BYTES for x, u in zip(c, units)),
         "adam_mini_v": sum(4 * u["blocks"] for u in units),
         "transient": 2 * (root + 2 * block) + 2 * max(root, block),
     }
@@ -133,12 +137,14 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         config = models.get_config("debug")
         got = {}
         for opt_name in OPTIMIZERS:
+            name, options = BUILD_OPTIONS[opt_name]
             torch.manual_seed(0)
             model = models.build_model(config, device="cpu")
             models.init_model(model, config.n_layer, config.n_embd)
             model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
                          use_orig_params=False, sharding_strategy=ShardingStrategy.FULL_SHARD)
-            opt = build_optimizer(model, config, opt_name, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+            opt = build_optimizer(model, config, name, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                  **options)
             x = torch.randint(0, config.padded_vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
             logits = model(x[:, :-1])
             torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)).backward()
@@ -173,7 +179,8 @@ def check_fsdp(world: int) -> dict:
     for r, got in enumerate(real):
         for k in keys:
             if got[k] != want[k]:
-                raise SystemExit(f"error: FSDP1 check, rank {r} of {world}: real {k} = {got[k]} bytes, formula {want[k]}")
+                raise SystemExit(f"error: FSDP1 check, rank {r} of {world}: real {k} = {got[k]} bytes, "
+                                 f"formula {want[k]}")
     return {"world": world, "model": "debug", "per_rank_bytes": {k: want[k] for k in keys}, "agrees": True}
 
 
@@ -191,8 +198,8 @@ def main() -> None:
     fsdp_check = None
     if args.check_fsdp:
         fsdp_check = check_fsdp(args.check_fsdp)
-        print(f"FSDP1 check: real per-rank bytes of weights, grads, AdamW and Adam-mini state on {args.check_fsdp} "
-              f"CPU ranks (debug model) equal the formulas: {fsdp_check['per_rank_bytes']}")
+        print(f"FSDP1 check: real per-rank bytes of weights, grads, AdamW and Adam-mini state (fp32 and bf16 m) on "
+              f"{args.check_fsdp} CPU ranks (debug model) equal the formulas: {fsdp_check['per_rank_bytes']}")
 
     rows, fits = [], []
     for name in MODELS:
@@ -208,7 +215,7 @@ def main() -> None:
                 rows.append(dict(model=name, params=params, world=w, optimizer=opt, weights=b["weights"],
                                  grads=b["grads"], optimizer_state=b[opt], transient=b["transient"],
                                  static_total=total, activations=act, reserve=reserve, need=need,
-                                 adam_mini_v=b["adam_mini_v"] if opt == "adam_mini" else 0,
+                                 adam_mini_v=0 if opt == "adamw" else b["adam_mini_v"],
                                  **{f"fits_{c}gib": need <= c * GIB for c in CARDS_GIB}))
         for c in CARDS_GIB:
             fits.append(dict(model=name, card_gib=c, activations=act,
@@ -216,11 +223,13 @@ def main() -> None:
 
     out = []
     out.append(f"Per-GPU memory, FSDP FULL_SHARD (use_orig_params=False, bf16-mixed), GiB. Activation headroom: "
-               f"checkpointing per Block, micro-batch {args.micro_batch} x seq {args.seq_len}, + {args.reserve_gib:g} GiB reserve.")
+               f"checkpointing per Block, micro-batch {args.micro_batch} x seq {args.seq_len}, + {args.reserve_gib:g} "
+               f"GiB reserve. Adam-mini (bf16 m): `optimizer.adam_mini.momentum_dtype: bfloat16`.")
     out.append("")
     out.append("| model | GPUs | optimizer | weights fp32 | grads fp32 | optimizer state | (of which replicated v) | "
                "bf16 transient | static total | + activations + reserve | fits 40 GiB | fits 80 GiB |")
     out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|")
+
     def v_cell(r):
         return "—" if r["optimizer"] == "adamw" else f"{r['adam_mini_v'] / 2**20:.2f} MiB"
 
@@ -233,27 +242,33 @@ def main() -> None:
     out.append("")
     out.append("Fewest GPUs that fit (same assumptions, any world size up to 256):")
     out.append("")
-    out.append("| model | card | activations estimate | AdamW | Adam-mini |")
-    out.append("|---|---:|---:|---:|---:|")
+    out.append("| model | card | activations estimate | " + " | ".join(LABEL[o] for o in OPTIMIZERS) + " |")
+    out.append("|---|---:|---:|" + "---:|" * len(OPTIMIZERS))
     for f in fits:
         out.append(f"| {f['model']} | {f['card_gib']} GiB | {f['activations'] / GIB:.2f} GiB | "
-                   f"{f['min_gpus_adamw']} | {f['min_gpus_adam_mini']} |")
+                   + " | ".join(str(f[f"min_gpus_{o}"]) for o in OPTIMIZERS) + " |")
+    out.append("")
+    one = [r for r in rows if r["model"] == "llama2-7b" and r["world"] == 1]
+    out.append("Llama-2 7B on one 80 GiB GPU: " + "; ".join(
+        f"{LABEL[r['optimizer']]} needs {r['need'] / GIB:.2f} GiB, {'fits' if r['fits_80gib'] else 'does not fit'}"
+        for r in one) + ".")
     if fsdp_check:
         out.append("")
-        out.append(f"Checked against real FSDP1 (CPU, gloo, `debug` model, {fsdp_check['world']} ranks, padded shards): the "
-                   f"per-rank bytes of weights, grads, AdamW and Adam-mini state equal these formulas exactly "
-                   f"({fsdp_check['per_rank_bytes']}). The bf16 transient and the activations are estimates, not measured.")
+        out.append(f"Checked against real FSDP1 (CPU, gloo, `debug` model, {fsdp_check['world']} ranks, padded "
+                   f"shards): the per-rank bytes of weights, grads, AdamW and Adam-mini state (fp32 and bf16 m) "
+                   f"equal these formulas exactly ({fsdp_check['per_rank_bytes']}). The bf16 transient and the "
+                   f"activations are estimates, not measured.")
     text = "\n".join(out)
     print(text)
     if args.markdown:
         path = Path(args.markdown)
         path.parent.mkdir(parents=True, exist_ok=True)
         assumptions = __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0]
-        cmd = " ".join(["python benchmarks/memory_table.py", *sys.argv[1:]])
+        cmd = " ".join(["python -m benchmarks.memory_table", *sys.argv[1:]])
         path.write_text(f"# Memory table (`{cmd}`)\n\n{text}\n\n## Assumptions\n\n"
                         f"```\n{assumptions}\n```\n")
-    print(json.dumps({"benchmark": "memory_table", "fsdp_check": fsdp_check, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                      "reserve_bytes": reserve, "rows": rows, "min_gpus": fits}))
+    print(json.dumps({"benchmark": "memory_table", "fsdp_check": fsdp_check, "seq_len": args.seq_len,
+                      "micro_batch": args.micro_batch, "reserve_bytes": reserve, "rows": rows, "min_gpus": fits}))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ A step is a short Python loop over chunks (a handful per unit), each a 2-D tenso
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
-
-import torch
 
 from optim.layout import ParamLayout
 from optim.units import Segment, Unit
@@ -46,15 +45,31 @@ class UnitPlan:
     spans: tuple[tuple[int, int, bool], ...]       # (offset, numel, decay): maximal contiguous runs of chunks
     min_local_numel: int                           # the local buffer must be at least this long
 
-    def block_numel_tensor(self, device=None) -> torch.Tensor:
-        """Static element count of every block (fp32), the divisor of mean_B g²."""
-        parts = [torch.full((n,), float(b), dtype=torch.float32, device=device) for n, b in self.block_runs]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32, device=device)
-
     @property
-    def key(self) -> tuple:
-        """Identifies units with identical geometry (e.g. the same parameter in every transformer block)."""
-        return (self.n_blocks, self.block_runs, self.chunks, self.spans)
+    def run_spans(self) -> tuple[tuple[int, int, int], ...]:
+        """`(first block, n_blocks, block_numel)` of every run of the block vector."""
+        spans, first = [], 0
+        for n, b in self.block_runs:
+            spans.append((first, n, b))
+            first += n
+        return tuple(spans)
+
+    def block_numel(self, block: int) -> int:
+        """Static element count of block `block` of the unit's block vector (the divisor of mean_B g²)."""
+        for first, n, b in self.run_spans:
+            if first <= block < first + n:
+                return b
+        raise IndexError(f"block {block} outside the unit's {self.n_blocks} blocks")
+
+    @cached_property
+    def complete_blocks(self) -> bool:
+        """Whether every local chunk consists of whole blocks (true for any unsharded parameter)."""
+        return all(c.length == self.block_numel(c.block) for c in self.chunks)
+
+
+def stands_alone(plan: UnitPlan, group) -> bool:
+    """Whether a unit's block sums are complete locally: whole blocks only and no process group to reduce over."""
+    return group is None and plan.complete_blocks
 
 
 def decompose_segment(seg: Segment, layout: ParamLayout, block_base: int) -> list[Chunk]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from optim.units import Segment, Unit, canonical_name, named_parameters
+from optim.units import Segment, Unit, named_parameters, whole_unit
 
 
 def _dtensor_class():
@@ -31,11 +31,6 @@ def _dtensor_class():
 def is_dtensor(t) -> bool:
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
-
-
-def has_dtensor_params(model: nn.Module) -> bool:
-    """True when some parameter of `model` is a DTensor (FSDP2 / `fully_shard`)."""
-    return any(is_dtensor(p) for p in model.parameters())
 
 
 def row_shard(n_rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -70,8 +65,7 @@ def dtensor_unit(name: str, p) -> Unit:
     if not shard_dims:
         if local.numel() != numel:
             raise RuntimeError(f"optim.dtensor: replicated {name!r} holds {local.numel()} of {numel} elements")
-        return Unit(param=p, names=(name,), segments=(Segment(name, 0, numel, 0),) if numel else (),
-                    group=None, label=f"dtensor:{name}")
+        return whole_unit(name, p, label=f"dtensor:{name}")
 
     mesh_dim = shard_dims[0]
     shape = tuple(p.shape)
@@ -89,22 +83,14 @@ def dtensor_unit(name: str, p) -> Unit:
     return Unit(param=p, names=(name,), segments=segments, group=group, label=f"dtensor:{name}")
 
 
-def units_from_dtensors(model: nn.Module) -> list[Unit]:
-    """One unit per trainable parameter of an FSDP2 model: DTensors as above, plain tensors unsharded."""
-    return dtensor_units(model)[0]
-
-
 def dtensor_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int, ...]]]]:
-    """`units_from_dtensors` and the global ``(fqn, shape)`` of every parameter (what `model_layout` takes)."""
+    """One unit per trainable parameter of an FSDP2 model (DTensors as above, plain tensors unsharded) and the
+    global ``(fqn, shape)`` of every parameter (what `model_layout` takes)."""
     units, shapes = [], []
     for name, p in named_parameters(model):
-        if is_dtensor(p):
-            units.append(dtensor_unit(name, p))
-        else:
-            units.append(Unit(param=p, names=(name,), segments=(Segment(name, 0, p.numel(), 0),) if p.numel() else (),
-                              group=None, label=name))
+        units.append(dtensor_unit(name, p) if is_dtensor(p) else whole_unit(name, p))
         shapes.append((name, tuple(int(x) for x in p.shape)))
     return units, shapes
 
 
-__all__ = ["dtensor_unit", "dtensor_units", "has_dtensor_params", "is_dtensor", "row_shard", "units_from_dtensors"]
+__all__ = ["dtensor_unit", "dtensor_units", "is_dtensor", "row_shard"]

@@ -1,7 +1,7 @@
 """FSDP1 FlatParameter adapter: one optimizer `Unit` per FlatParameter.
 
 This is the ONLY module of the project that reads FSDP1's private FlatParameter / FlatParamHandle
-fields. They were checked against torch 2.13.0 (see /work/shared/FSDP_NOTES.md):
+fields. They were checked against torch 2.13.0 (see the project's FSDP notes, shared/FSDP_NOTES.md):
 
 - ``FSDP.fsdp_modules(model)`` -> each FSDP module ``m``; ``m._handle`` (None for a wrapper without
   parameters of its own); ``h.flat_param``; ``h.process_group``, ``h.rank``, ``h.world_size``,
@@ -28,11 +28,6 @@ from torch import nn
 from optim.units import Segment, Unit, canonical_name
 
 _CHECKED_TORCH = "2.13.0"
-
-
-def clean_fqn(name: str) -> str:
-    """The original parameter FQN: wrapper components dropped (the project-wide rule, `optim.units.canonical_name`)."""
-    return canonical_name(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +112,7 @@ def fsdp1_handles(model: nn.Module) -> list[tuple[str, Any]]:
     """``(clean module path, FlatParamHandle)`` of every FSDP1 module of `model` that owns parameters."""
     fsdp = _fsdp_class()
     # first path of each module (Fabric's _FabricModule registers the model as `_forward_module` first)
-    paths = {id(m): clean_fqn(name) for name, m in model.named_modules()}
+    paths = {id(m): canonical_name(name) for name, m in model.named_modules()}
     out = []
     for m in fsdp.fsdp_modules(model):
         handle = _field(m, "_handle", "FullyShardedDataParallel module")
@@ -127,11 +122,6 @@ def fsdp1_handles(model: nn.Module) -> list[tuple[str, Any]]:
             raise RuntimeError("optim.flat: FSDP module not found in model.named_modules()")
         out.append((paths[id(m)], handle))
     return out
-
-
-def units_from_fsdp1(model: nn.Module) -> list[Unit]:
-    """One `Unit` per FSDP1 FlatParameter of `model` (``use_orig_params=False``); see `fsdp1_units`."""
-    return fsdp1_units(model)[0]
 
 
 def fsdp1_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int, ...]]]]:
@@ -172,7 +162,7 @@ def fsdp1_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
                     f"({fp.numel()} elements, shard is {sharded_size.numel()}); build the optimizer outside "
                     f"forward/backward and summon_full_params")
         local = fp.numel()
-        names = tuple(clean_fqn(f"{path}.{fqn}" if path else fqn) for fqn in fqns)
+        names = tuple(canonical_name(f"{path}.{fqn}" if path else fqn) for fqn in fqns)
         if len(set(names)) != len(names):
             raise RuntimeError(f"optim.flat: {what}: duplicate parameter names {names}")
         segments = []
@@ -203,14 +193,6 @@ def fsdp1_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
         raise NotImplementedError(
             f"optim.flat: trainable parameters outside any FSDP1 FlatParameter (ignored modules?): {stray[:5]}")
     return units, shapes_out
-
-
-def unit_param_numels(unit: Unit) -> list[int]:
-    """Element counts of `unit.names` for a unit built by `fsdp1_units` (from the FlatParameter's `_numels`)."""
-    numels = [int(n) for n in _field(unit.param, "_numels", f"FSDP1 unit {unit.label!r}")]
-    if len(numels) != len(unit.names):
-        raise RuntimeError(f"optim.flat: unit {unit.label!r} has {len(unit.names)} names but {len(numels)} _numels")
-    return numels
 
 
 def _check_disjoint(segments: Iterable, what: str) -> None:

@@ -1,6 +1,7 @@
 """Adam-mini block layout of a litgpt Llama, as plain data.
 
-Adam-mini keeps one second moment per *block* of a parameter (see /work/shared/ADAM_MINI.md). Every
+Adam-mini keeps one second moment per *block* of a parameter (see the project's Adam-mini notes,
+shared/ADAM_MINI.md). Every
 block is a contiguous range of the flattened (row-major) tensor, and a parameter's blocks come in a
 few *runs* of equal-sized blocks, e.g. a fused qkv weight is `[(n_head, hs*d), (n_query_groups, hs*d),
 (n_query_groups*hs, d)]`. This module derives those runs from the model config and the parameter
@@ -9,22 +10,56 @@ parameter, a DTensor shard and a piece of an FSDP FlatParameter.
 
 The reference implementation matches names loosely and silently falls back to one block per tensor;
 here a parameter we cannot place, or whose shape disagrees with the config, raises `ValueError`.
+Two choices the method leaves open are options (`Partition`); the defaults are the reference's.
 """
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 from litgpt import Config
 
 KINDS = ("qkv", "rows", "tokens", "whole", "elements")
+EMBEDDING_BLOCKS = ("tokens", "elements")
+VALUE_BLOCKS = ("rows", "whole")
 
 # Matrices whose blocks are their rows (one per output neuron).
 _ROW_SUFFIXES = ("attn.proj.weight", "mlp.fc_1.weight", "mlp.fc_2.weight", "mlp.proj.weight")
 _NORM_NAMES = ("norm_1.weight", "norm_2.weight")
 _BLOCK_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Where the blocks fall for the two choices the method leaves open; the defaults match the reference
+    implementation (PyPI `adam-mini` 1.1.1) exactly.
+
+    `embedding_blocks`, for `transformer.wte.weight` and `lm_head.weight` (V x d each):
+      - `tokens`: one block per row, i.e. per token (the reference: one lr per token for names matching its
+        embedding and output keys, `wte` and `lm_head` among them);
+      - `elements`: one block per element, i.e. plain AdamW for these two matrices: v as large as the matrices
+        (2·V·d·4 bytes more). Under FSDP the v vector of a unit is replicated on every rank and its block sums
+        are all-reduced each step, so this also costs 2·V·d·4 bytes per rank and an all-reduce of that size.
+    `value_blocks`, for the V rows of each layer's fused `attn.qkv.weight`:
+      - `rows`: one block per V row, i.e. per output neuron (the reference, for separate value weights
+        `v_proj`/`wv`: one lr per neuron; it does not recognise litgpt's fused qkv and gives the whole tensor
+        one block);
+      - `whole`: one block for all V rows of the layer (the reference's comment allows one lr for the whole V).
+    """
+
+    embedding_blocks: Literal["tokens", "elements"] = "tokens"
+    value_blocks: Literal["rows", "whole"] = "rows"
+
+    def __post_init__(self) -> None:
+        if self.embedding_blocks not in EMBEDDING_BLOCKS:
+            raise ValueError(f"embedding_blocks must be tokens or elements, got {self.embedding_blocks!r}")
+        if self.value_blocks not in VALUE_BLOCKS:
+            raise ValueError(f"value_blocks must be rows or whole, got {self.value_blocks!r}")
+
+    def __str__(self) -> str:
+        return f"embedding_blocks={self.embedding_blocks}, value_blocks={self.value_blocks}"
 
 
 @dataclass(frozen=True)
@@ -60,10 +95,11 @@ class ParamLayout:
 
 def _expect(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
     if tuple(shape) != tuple(expected):
-        raise ValueError(f"cannot place parameter {name!r}: shape {tuple(shape)} but the config implies {tuple(expected)}")
+        raise ValueError(f"cannot place parameter {name!r}: shape {tuple(shape)} but the config implies "
+                         f"{tuple(expected)}")
 
 
-def param_layout(config: Config, name: str, shape: Iterable[int]) -> ParamLayout:
+def param_layout(config: Config, name: str, shape: Iterable[int], partition: Partition = Partition()) -> ParamLayout:
     """The layout of one parameter, from its FQN (no wrapper prefixes) and shape; ValueError if unknown."""
     shape = tuple(int(s) for s in shape)
     d, hs = config.n_embd, config.head_size
@@ -76,6 +112,8 @@ def param_layout(config: Config, name: str, shape: Iterable[int]) -> ParamLayout
 
     if name in ("transformer.wte.weight", "lm_head.weight"):
         _expect(name, shape, (config.padded_vocab_size, d))
+        if partition.embedding_blocks == "elements":
+            return ParamLayout(name, shape, "elements", ((shape[0] * shape[1], 1),), weight_decay=True)
         return ParamLayout(name, shape, "tokens", ((shape[0], shape[1]),), weight_decay=True)
 
     if name == "transformer.ln_f.weight":
@@ -87,7 +125,8 @@ def param_layout(config: Config, name: str, shape: Iterable[int]) -> ParamLayout
         local = match.group(2)
         if local == "attn.qkv.weight":
             _expect(name, shape, ((n_head + 2 * n_groups) * hs, d))
-            runs = ((n_head, hs * d), (n_groups, hs * d), (n_groups * hs, d))
+            values = (n_groups * hs, d) if partition.value_blocks == "rows" else (1, n_groups * hs * d)
+            runs = ((n_head, hs * d), (n_groups, hs * d), values)
             return ParamLayout(name, shape, "qkv", runs, weight_decay=True)
         if local in _ROW_SUFFIXES:
             expected = {
@@ -105,18 +144,21 @@ def param_layout(config: Config, name: str, shape: Iterable[int]) -> ParamLayout
     raise ValueError(f"cannot place parameter {name!r} (shape {shape}) in the Adam-mini block layout")
 
 
-def model_layout(config: Config, named_shapes: Iterable[tuple[str, Iterable[int]]]) -> dict[str, ParamLayout]:
+def model_layout(config: Config, named_shapes: Iterable[tuple[str, Iterable[int]]],
+                 partition: Partition = Partition()) -> dict[str, ParamLayout]:
     """Layouts for every `(fqn, shape)`; fqns must carry no wrapper prefixes (`module.`, `_orig_mod.`, ...)."""
     layouts: dict[str, ParamLayout] = {}
     for name, shape in named_shapes:
         if name in layouts:
             raise ValueError(f"parameter {name!r} listed twice")
-        layouts[name] = param_layout(config, name, shape)
+        layouts[name] = param_layout(config, name, shape, partition)
     return layouts
 
 
-def format_layout(layouts: Mapping[str, ParamLayout] | Iterable[ParamLayout]) -> str:
-    """A printable table: parameter, shape, kind, blocks (runs), v entries; with a total line."""
+def format_layout(layouts: Mapping[str, ParamLayout] | Iterable[ParamLayout],
+                  partition: Partition | None = None) -> str:
+    """A printable table: parameter, shape, kind, blocks (runs), v entries; with a total line, and a title line
+    naming `partition` when given."""
     items = list(layouts.values()) if isinstance(layouts, Mapping) else list(layouts)
     rows = [("parameter", "shape", "kind", "blocks", "v entries", "decay")]
     for lay in items:
@@ -130,4 +172,6 @@ def format_layout(layouts: Mapping[str, ParamLayout] | Iterable[ParamLayout]) ->
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
+    if partition is not None:
+        lines.insert(0, f"Adam-mini blocks ({partition})")
     return "\n".join(lines)

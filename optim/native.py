@@ -1,20 +1,21 @@
 """The native CPU kernel of AdamMini: `csrc/adam_mini_rows.cpp`, built with the system C++ compiler on first use.
 
 Units of complete blocks (every unsharded parameter) on CPU take their whole update, block sums of g²
-and v included, from one call per step into this kernel (see the .cpp for the math and why it moves
-20 bytes per parameter against fused AdamW's 28). It is plain C ABI code loaded with ctypes: no torch
-headers, so a build takes about half a second, and the library is cached on disk, keyed by the source,
-the compiler, the flags and the CPU (it is built with `-march=native`, so a cache shared between nodes
-of different CPUs keeps one build per CPU kind). OpenMP, when the compiler has it, binds to the runtime
-torch already loaded (`libgomp.so.1`), so the kernel runs on torch's thread count.
+and v included, from one call per step into this kernel (see the .cpp for the math and why it moves 20
+bytes per parameter with an fp32 first moment, 16 with a bf16 one, against fused AdamW's 28). It is
+plain C ABI code loaded with ctypes: no torch headers, so a build takes about half a second, and the
+library is cached on disk, keyed by the source, the compiler, the flags and the CPU (it is built with
+`-march=native`, so a cache shared between nodes of different CPUs keeps one build per CPU kind).
+OpenMP, when the compiler has it, binds to the runtime torch already loaded (`libgomp.so.1`), so the
+kernel runs on torch's thread count.
 
 Environment:
   ADAM_MINI_CXX        the compiler (default: $CXX, else c++ / g++ / clang++ from PATH)
   ADAM_MINI_CACHE_DIR  where built libraries are kept (default: $XDG_CACHE_HOME or ~/.cache, then
                        adam-mini-pretrain/; a temporary folder when that is not writable)
 
-If no compiler is found or the build fails, `load()` warns once and returns None; AdamMini then uses
-its compiled (torch.compile) or eager path, with the same math.
+If no compiler is found or the build fails, `load()` warns once and returns None; AdamMini's `auto`
+implementation then uses its compiled (torch.compile) or eager path, with the same math.
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ from typing import Sequence
 import torch
 
 from optim.blocks import Chunk
+from optim.update import StepHyper
 
 SOURCE = Path(__file__).with_name("csrc") / "adam_mini_rows.cpp"
-ABI = 1
+ABI = 2
 # Flag sets tried in order: the first that builds is used. OpenMP and -march=native are optional.
 FLAG_SETS = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -43,7 +45,8 @@ FLAG_SETS = (
     ("-O3", "-march=native"),
     ("-O3",),
 )
-COMMON_FLAGS = ("-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
+# -ffp-contract=off: no FMA contraction, so m is computed with the same roundings as the eager path
+COMMON_FLAGS = ("-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off")
 # A task is whole rows of one chunk, about this many elements (dynamic scheduling over threads).
 TASK_NUMEL = 1 << 16
 DTYPE_FLAGS = {torch.float32: 0, torch.bfloat16: 1}
@@ -62,9 +65,9 @@ _library: Library | None = None
 _failed: str | None = None
 
 
-def supports(p: torch.Tensor, g: torch.Tensor) -> bool:
-    """Whether the kernel handles this local parameter and gradient (CPU, fp32 or bf16 each)."""
-    return p.device.type == "cpu" and g.device.type == "cpu" and p.dtype in DTYPE_FLAGS and g.dtype in DTYPE_FLAGS
+def supports(t: torch.Tensor) -> bool:
+    """Whether the kernel takes this tensor as p, g or m (CPU, fp32 or bf16)."""
+    return t.device.type == "cpu" and t.dtype in DTYPE_FLAGS
 
 
 def _compiler() -> str | None:
@@ -200,8 +203,8 @@ class RowsStep:
             raise RuntimeError(f"the native kernel is unavailable: {unavailable_reason()}")
         self.chunk_lists = [tuple(cs) for cs in chunk_lists]
         # per unit: the elements and v entries its chunks need, and (offset, v entry, rows, length, decay)
-        self._needs = [(max((c.offset + c.numel for c in cs), default=0), max((c.block + c.rows for c in cs), default=0))
-                       for cs in self.chunk_lists]
+        self._needs = [(max((c.offset + c.numel for c in cs), default=0),
+                        max((c.block + c.rows for c in cs), default=0)) for cs in self.chunk_lists]
         self._geometry = [tuple((c.offset, c.block, c.rows, c.length, 4 if c.decay else 0) for c in cs)
                           for cs in self.chunk_lists]
         tasks: list[int] = []
@@ -218,29 +221,27 @@ class RowsStep:
         self._hyper = (ctypes.c_double * 8)()
 
     def __call__(self, tensors: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-                 hyper: Sequence[float], threads: int | None = None) -> None:
-        """`tensors[k] = (p, g, m, v)` of unit k: 1-D contiguous CPU views (p, g fp32/bf16; m, v fp32).
-
-        hyper = (b1, 1 - b1, b2, 1 - b2, 1 - b2^t, lr / (1 - b1^t), eps, 1 - lr wd).
-        """
+                 hyper: StepHyper, threads: int | None = None) -> None:
+        """`tensors[k] = (p, g, m, v)` of unit k: 1-D contiguous CPU views (p, g, m fp32 or bf16; v fp32)."""
         if len(tensors) != len(self.chunk_lists):
             raise ValueError(f"expected {len(self.chunk_lists)} units, got {len(tensors)}")
         table: list[int] = []
         for (p, g, m, v), geometry, (end, v_end) in zip(tensors, self._geometry, self._needs):
-            if not supports(p, g) or m.dtype != torch.float32 or v.dtype != torch.float32:
+            if not (supports(p) and supports(g) and supports(m)) or v.dtype != torch.float32:
                 raise TypeError(f"native kernel: unsupported dtypes p={p.dtype} g={g.dtype} m={m.dtype} v={v.dtype}")
             if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
                 raise ValueError("native kernel: tensors must be contiguous")
             if p.numel() < end or g.numel() < end or m.numel() < end or v.numel() < v_end:
                 raise ValueError("native kernel: a tensor is shorter than its chunks")
             pp, gp, mp, vp = p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()
-            ps, gs = p.element_size(), g.element_size()
-            flags = DTYPE_FLAGS[p.dtype] | DTYPE_FLAGS[g.dtype] << 1
+            ps, gs, ms = p.element_size(), g.element_size(), m.element_size()
+            flags = DTYPE_FLAGS[p.dtype] | DTYPE_FLAGS[g.dtype] << 1 | DTYPE_FLAGS[m.dtype] << 3
             for offset, block, rows, length, decay in geometry:
-                table += (pp + ps * offset, gp + gs * offset, mp + 4 * offset, vp + 4 * block, rows, length, flags | decay)
+                table += (pp + ps * offset, gp + gs * offset, mp + ms * offset, vp + 4 * block, rows, length,
+                          flags | decay)
         if table:
             self._table[:len(table)] = table
-        self._hyper[:] = [float(x) for x in hyper]
+        self._hyper[:] = hyper.values()
         threads = torch.get_num_threads() if threads is None else int(threads)
         rc = self.library.step(self._table, self._tasks, self.n_tasks, self._hyper, max(1, threads))
         if rc != 0:  # pragma: no cover - the kernel has no failing path today

@@ -4,7 +4,8 @@ The optimizer's own `state_dict()` is keyed by the tensors it registers (FSDP1 F
 DTensors, plain parameters), so it only loads into the same sharding. This module writes and reads a
 name-keyed form that does not depend on the sharding:
 
-    {"exp_avg":    {name: 1-D fp32, numel(name) elements, the parameter's flattened first moment},
+    {"exp_avg":    {name: 1-D, numel(name) elements, the parameter's flattened first moment, in the
+                    optimizer's momentum dtype (fp32 or bf16; loading casts to the loading optimizer's)},
      "exp_avg_sq": {name: 1-D fp32, one entry per Adam-mini block of the parameter},
      "step":       {name: fp32 scalar},
      "hparams":    {"lr", "beta1", "beta2", "eps", "weight_decay": 0-d float64}}
@@ -39,7 +40,6 @@ FSDP1's irregular flat pieces, so a replacement would be DCP's `__create_write_i
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -47,59 +47,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from optim.units import local_1d
-
-
 
 # --------------------------------------------------------------------------------------------------
 # What every name maps to inside the optimizer
 # --------------------------------------------------------------------------------------------------
 
-def _name_sizes(optimizer, layouts) -> list[list[tuple[str, int, int]]]:
-    """Per unit, ``(name, n_blocks, numel)`` of each of its parameters, in `unit.names` order.
+def _entries(optimizer, layouts: Mapping | None = None) -> list[dict]:
+    """Per parameter name: its unit index, block range in the unit's vector, numel and local segments.
 
-    From `layouts` (or `optimizer.layouts`) when given; otherwise from the optimizer's own plans: a
-    unit's block runs are its parameters' runs concatenated, so they split greedily by each
-    parameter's element count, which is the whole run sum for a one-parameter unit and, for an FSDP1
-    FlatParameter unit, comes from `optim.flat.unit_param_numels`.
-    """
-    layouts = layouts if layouts is not None else getattr(optimizer, "layouts", None)
+    Sizes and blocks come from `layouts`, by default the optimizer's own (`AdamMini.layouts`)."""
+    layouts = optimizer.layouts if layouts is None else layouts
     out = []
-    for unit, plan in zip(optimizer.units, optimizer.plans):
-        if layouts is not None:
-            out.append([(n, layouts[n].n_blocks, layouts[n].numel) for n in unit.names])
-            continue
-        if len(unit.names) == 1:
-            numels = [sum(n * b for n, b in plan.block_runs)]
-        else:
-            from optim.flat import unit_param_numels
-            numels = unit_param_numels(unit)
-        sizes, runs = [], list(plan.block_runs)
-        for name, numel in zip(unit.names, numels):
-            blocks = covered = 0
-            while covered < numel and runs:
-                n, b = runs.pop(0)
-                blocks, covered = blocks + n, covered + n * b
-            if covered != numel:
-                raise RuntimeError(f"unit {unit.label!r}: cannot split its block runs at parameter {name!r}")
-            sizes.append((name, blocks, numel))
-        if runs:
-            raise RuntimeError(f"unit {unit.label!r}: block runs left over after its parameters")
-        out.append(sizes)
-    return out
-
-
-def _entries(optimizer, layouts=None) -> list[dict]:
-    """Per parameter name: its unit index, block range in the unit's vector, numel and local segments."""
-    out = []
-    for i, (unit, sizes) in enumerate(zip(optimizer.units, _name_sizes(optimizer, layouts))):
+    for i, unit in enumerate(optimizer.units):
         base = 0
         segs: dict[str, list] = {}
         for s in unit.segments:
             if s.end > s.start:
                 segs.setdefault(s.name, []).append(s)
-        for name, n_blocks, numel in sizes:
-            out.append(dict(name=name, unit=i, blocks=(base, base + n_blocks), numel=numel,
+        for name in unit.names:
+            n_blocks = layouts[name].n_blocks
+            out.append(dict(name=name, unit=i, blocks=(base, base + n_blocks), numel=layouts[name].numel,
                             segments=sorted(segs.get(name, []), key=lambda s: s.start),
                             sharded=unit.group is not None))
             base += n_blocks
@@ -176,11 +143,13 @@ def sharded_state_dict(optimizer, layouts: Mapping | None = None) -> dict[str, A
         if not _distributed():
             raise RuntimeError("sharded Adam-mini units but torch.distributed is not initialised")
         numel = {e["name"]: e["numel"] for e in entries}
-        exp_avg.update(_sharded_tensors(pieces, numel))
+        dtype = {e["name"]: _state(optimizer, e["unit"])["exp_avg"].dtype for e in entries}
+        exp_avg.update(_sharded_tensors(pieces, numel, dtype))
     return {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": step, "hparams": _hparams(optimizer)}
 
 
-def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], numel: dict[str, int]) -> dict:
+def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], numel: dict[str, int],
+                     dtype: dict[str, torch.dtype]) -> dict:
     """1-D ShardedTensors over the default group from every rank's `[start, end)` pieces (one gather)."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -208,7 +177,7 @@ def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], num
         if sum(md.shard_sizes[0] for md in shards_md) != numel[name]:
             raise RuntimeError(f"{name}: the ranks' pieces cover {sum(md.shard_sizes[0] for md in shards_md)} of "
                                f"{numel[name]} elements (are all ranks in the default group?)")
-        props = TensorProperties(dtype=torch.float32, layout=torch.strided, requires_grad=False,
+        props = TensorProperties(dtype=dtype[name], layout=torch.strided, requires_grad=False,
                                  memory_format=torch.contiguous_format, pin_memory=False)
         meta = ShardedTensorMetadata(shards_metadata=shards_md, size=torch.Size([numel[name]]),
                                      tensor_properties=props)
@@ -242,7 +211,8 @@ def load_sharded_state_dict(optimizer, state_dict: Mapping[str, Any], layouts: M
             lo, hi = e["blocks"]
             v = torch.as_tensor(state_dict["exp_avg_sq"][name])
             if v.numel() != hi - lo:
-                raise ValueError(f"{name}: exp_avg_sq has {v.numel()} entries, the layout has {hi - lo} blocks")
+                raise ValueError(f"{name}: exp_avg_sq has {v.numel()} entries, the layout has {hi - lo} blocks "
+                                 f"(written with another Adam-mini partition?)")
             dst = state["exp_avg_sq"][lo:hi]
             if v.data_ptr() != dst.data_ptr():
                 dst.copy_(v.reshape(-1))
@@ -311,7 +281,7 @@ def full_state_dict(optimizer, layouts: Mapping | None = None, rank0_only: bool 
             continue
         for e in unit_entries:
             name = e["name"]
-            full = torch.full((e["numel"],), float("nan"), dtype=torch.float32)
+            full = torch.full((e["numel"],), float("nan"), dtype=m.dtype)
             covered = 0
             seen = set()
             for part in gathered:
@@ -372,12 +342,3 @@ def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams
         sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
         dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
     load_sharded_state_dict(optimizer, sd["optimizer"], layouts, load_hparams=load_hparams)
-
-
-def state_numel(state_dict: Mapping[str, Any]) -> int:
-    """Total elements of a name-keyed state dict (for inspection)."""
-    total = 0
-    for key in ("exp_avg", "exp_avg_sq"):
-        for t in state_dict.get(key, {}).values():
-            total += math.prod(t.shape)
-    return total

@@ -77,9 +77,13 @@ def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
+def whole_unit(name: str, p: torch.Tensor, label: str | None = None) -> Unit:
+    """The unit of a parameter held whole by this rank (no process group): one segment covering it."""
+    numel = p.numel()
+    return Unit(param=p, names=(name,), segments=(Segment(name, 0, numel, 0),) if numel else (), group=None,
+                label=name if label is None else label)
+
+
 def units_from_module(model: nn.Module) -> list[Unit]:
     """Unsharded (plain or DDP-wrapped) model: one unit per trainable parameter, no process group."""
-    return [
-        Unit(param=p, names=(name,), segments=(Segment(name, 0, p.numel(), 0),), group=None, label=name)
-        for name, p in named_parameters(model)
-    ]
+    return [whole_unit(name, p) for name, p in named_parameters(model)]

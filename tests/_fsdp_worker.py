@@ -13,11 +13,10 @@ import torch
 import torch.distributed as dist
 
 import models
-from optim.adam_mini import AdamMini
 from optim.build import build_optimizer, model_units
-from optim.layout import model_layout
-from optim.state import _name_sizes, full_state_dict, load_optimizer, save_optimizer
-from optim.units import canonical_name, local_1d, units_from_module
+from optim.layout import Partition, model_layout
+from optim.state import full_state_dict, load_optimizer, save_optimizer
+from optim.units import canonical_name, local_1d
 
 # The `debug` model with a small MLP: its FSDP1 Block units are cut inside a K group at W=3 and inside
 # a Q head at W=4 (the default `debug` sizes cut no qkv block at any W <= 4); the test asserts it.
@@ -47,20 +46,28 @@ def new_model():
     return model
 
 
+def partition_of(options: dict) -> Partition:
+    """The `Partition` that the Adam-mini `options` (build_optimizer keywords) choose."""
+    return Partition(**{k: v for k, v in options.items() if k in ("embedding_blocks", "value_blocks")})
+
+
 def loss_fn(model, tokens):
     logits = model(tokens[:, :-1])
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
 
 
-def train(model, opt, steps, rank=0, world=1, first=0):
-    """Sharded training: this rank's rows of each global batch (FSDP averages the gradients)."""
+def train(model, opt, steps, rank=0, world=1, first=0, synthetic=False):
+    """Sharded training: this rank's rows of each global batch (FSDP averages the gradients); with `synthetic`,
+    the gradients are then replaced by this rank's pieces of `synthetic_grad` (the same on any sharding)."""
     for t in range(first, first + steps):
         opt.zero_grad(set_to_none=True)
         loss_fn(model, batch(t, rank, world)).backward()
+        if synthetic:
+            put_synthetic_grads(opt, t)
         opt.step()
 
 
-def train_reference(model, opt, steps, world, first=0):
+def train_reference(model, opt, steps, world, first=0, synthetic=False):
     """Single process, same data: the gradient of each of the `world` micro-batches, summed, / world.
 
     That is what the sharded run's gradient is mathematically (FSDP sums the ranks' gradients and
@@ -77,6 +84,8 @@ def train_reference(model, opt, steps, world, first=0):
                 acc += p.grad
         for acc, p in zip(total, params):
             p.grad = acc / world
+        if synthetic:
+            put_synthetic_grads(opt, t)
         opt.step()
 
 
@@ -168,7 +177,7 @@ def cut_kind(lay, x: int) -> str | None:
             if (x - begin) % b == 0:
                 return None
             if lay.kind == "qkv":
-                return ("q_head", "k_group", "v_row")[run_index]
+                return ("q_head", "k_group", "v_block")[run_index]
             return {"rows": "row", "tokens": "token_row", "whole": "whole", "elements": None}[lay.kind]
         begin += n * b
     return None
@@ -195,56 +204,51 @@ def synthetic_grad(name: str, shape, step: int) -> torch.Tensor:
     return grad * 1e-2
 
 
-def put_synthetic_grads(units, shapes: dict, step: int) -> None:
-    """Overwrite the local gradients with this rank's pieces of the synthetic full gradients."""
-    for u in units:
+def put_synthetic_grads(opt, step: int) -> None:
+    """Overwrite the local gradients of `opt`'s units with this rank's pieces of the synthetic full gradients."""
+    for u in opt.units:
         grad = local_1d(u.param.grad)
         for s in u.segments:
-            full = synthetic_grad(s.name, shapes[s.name], step).reshape(-1)
+            full = synthetic_grad(s.name, opt.layouts[s.name].shape, step).reshape(-1)
             grad[s.offset:s.offset + s.end - s.start].copy_(full[s.start:s.end])
 
 
-def reference_model(wd: float):
+def reference_model(wd: float, options: dict):
+    """The unsharded model and its Adam-mini (default implementation: native on CPU) with `options`."""
     model = new_model()
-    units = units_from_module(model)
-    layouts = model_layout(config(), [(n, tuple(p.shape)) for n, p in model.named_parameters()])
-    return model, AdamMini(units, layouts, weight_decay=wd, **HP), layouts
+    return model, build_optimizer(model, config(), "adam_mini", weight_decay=wd, **options, **HP)
 
 
-def reference_synthetic(wd: float, steps: int = STEPS):
-    model, opt, layouts = reference_model(wd)
-    for t in range(steps):
-        for n, p in model.named_parameters():
-            p.grad = synthetic_grad(n, p.shape, t)
-        opt.step()
+def reference_run(wd: float, options: dict, splits: list[tuple[int, int]], synthetic: bool):
+    """Uninterrupted single-process run: for each `(steps, world)`, `steps` steps with the batch split like `world`
+    (or synthetic gradients); its final parameters and name-keyed state."""
+    model, opt = reference_model(wd, options)
+    first = 0
+    for steps, world in splits:
+        train_reference(model, opt, steps, world, first=first, synthetic=synthetic)
+        first += steps
     return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt)
 
 
-def reference_resume(wd: float, world1: int, world2: int, steps1: int = 5, steps2: int = 5):
-    """Uninterrupted single-process run: `steps1` steps split like `world1`, then `steps2` like `world2`."""
-    model, opt, layouts = reference_model(wd)
-    train_reference(model, opt, steps1, world1)
-    train_reference(model, opt, steps2, world2, first=steps1)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
 def state_err(got: dict, ref: dict) -> dict[str, float]:
-    """Max over names of max|a-b| / max|b| for exp_avg and exp_avg_sq, and whether the steps agree."""
+    """Max over names of max|a-b| / max|b| for exp_avg and exp_avg_sq, whether the steps agree, and
+    whether exp_avg has the reference's dtype."""
     out = {}
     for key in ("exp_avg", "exp_avg_sq"):
         worst = 0.0
         for n, b in ref[key].items():
-            a = got[key][n]
+            a, b = got[key][n].double(), b.double()
             scale = b.abs().max().item()
             worst = max(worst, (a - b).abs().max().item() / (scale if scale else 1.0))
         out[key] = worst
     out["step"] = float(all(float(got["step"][n]) == float(ref["step"][n]) for n in ref["step"]))
+    out["dtype"] = float(all(got["exp_avg"][n].dtype == m.dtype for n, m in ref["exp_avg"].items()))
     return out
 
 
-def build(kind: str, world: int, wd: float, init: dict | None = None, drop_groups: bool = False):
+def build(kind: str, world: int, wd: float, options: dict, init: dict | None = None, drop_groups: bool = False):
     """A model (optionally loaded with full `init` parameters), wrapped as `kind`, and its Adam-mini
-    from `optim.build.build_optimizer` (which dispatches on the wrapping)."""
+    from `optim.build.build_optimizer` (which dispatches on the wrapping) with Adam-mini `options`."""
     model = new_model()
     if init is not None:
         with torch.no_grad():
@@ -259,32 +263,33 @@ def build(kind: str, world: int, wd: float, init: dict | None = None, drop_group
         model = DistributedDataParallel(model)
     elif kind != "plain":
         raise ValueError(kind)
-    opt = build_optimizer(model, config(), "adam_mini", weight_decay=wd, **HP)
-    units = opt.units
+    opt = build_optimizer(model, config(), "adam_mini", weight_decay=wd, **options, **HP)
     if drop_groups:  # negative control: no all-reduce of the block sums
-        for u in units:
+        for u in opt.units:
             u.group = None
-    layouts = model_layout(config(), model_units(model)[1])
-    return model, opt, units, layouts
+    return model, opt
+
+
+def run_steps(kind: str, model, opt, rank: int, world: int, first: int, steps: int, synthetic: bool) -> None:
+    if kind == "plain":
+        train_reference(model, opt, steps, world, first=first, synthetic=synthetic)
+    else:
+        train(model, opt, steps, rank, world, first=first, synthetic=synthetic)
 
 
 def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
     """Sharded Adam-mini for STEPS steps vs the single-process one on the same data (or gradients)."""
-    kind, wd, flags = task["kind"], task["wd"], task.get("flags", ())
-    model, opt, units, layouts = build(kind, world, wd, drop_groups="nogroup" in flags)
-    geo = describe_units(units, layouts, rank, world)
-    # optim.state finds each parameter's blocks and size from the optimizer alone (no layouts passed)
+    kind, wd, flags, options = task["kind"], task["wd"], task.get("flags", ()), task.get("options", {})
+    model, opt = build(kind, world, wd, options, drop_groups="nogroup" in flags)
+    # optim.state reads each parameter's blocks and size from the layouts the optimizer keeps
+    layouts = model_layout(config(), model_units(model)[1], partition_of(options))
+    assert opt.layouts == layouts, "the optimizer's layouts differ from the model's"
+    geo = describe_units(opt.units, layouts, rank, world)
     if kind == "fsdp1":  # names are the same seen through a Fabric-like wrapper (`_forward_module`)
         from optim.flat import fsdp1_units
-        assert [u.names for u in fsdp1_units(FabricLike(model))[0]] == [u.names for u in units]
-    assert _name_sizes(opt, None) == _name_sizes(opt, layouts), "optim.state's derived sizes differ from the layouts"
-    shapes = {n: lay.shape for n, lay in layouts.items()}
-    for t in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, batch(t, rank, world)).backward()
-        if "synthetic" in flags:
-            put_synthetic_grads(units, shapes, t)
-        opt.step()
+        assert [u.names for u in fsdp1_units(FabricLike(model))[0]] == [u.names for u in opt.units]
+    synthetic = "synthetic" in flags
+    run_steps(kind, model, opt, rank, world, 0, STEPS, synthetic)
     got = full_params(model, kind)
     # (the negative control dropped the groups, so its pieces cannot be gathered by full_state_dict)
     got_state = None if "nogroup" in flags else full_state_dict(opt)
@@ -292,32 +297,25 @@ def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
     dist.all_gather_object(geos, geo)
     if rank != 0:
         return None
-    key = (wd, "synthetic" in flags)
+    key = (wd, synthetic, tuple(sorted(options.items())), None if synthetic else world)
     if key not in refs:
-        refs[key] = reference_synthetic(wd) if "synthetic" in flags else reference_full(wd, world)
+        refs[key] = reference_run(wd, options, [(STEPS, world)], synthetic)
     ref_params, ref_state = refs[key]
-    return dict(err=rel_err(got, ref_params, base), geometry=geos,
+    return dict(err=rel_err(got, ref_params, base), geometry=geos, options=options,
                 state_err=None if got_state is None else state_err(got_state, ref_state))
-
-
-def reference_full(wd: float, world: int):
-    model, opt, layouts = reference_model(wd)
-    train_reference(model, opt, STEPS, world)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state_dict(opt)
 
 
 def task_save(task: dict, rank: int, world: int) -> dict | None:
     """Train 5 steps as `kind` on this world, write model.pt (full parameters) and the DCP optimizer state."""
-    kind, wd, path = task["kind"], task["wd"], task["path"]
-    model, opt, units, layouts = build(kind, world, wd)
-    if kind == "plain":
-        train_reference(model, opt, 5, world)
-    else:
-        train(model, opt, 5, rank, world)
+    kind, wd, path, options = task["kind"], task["wd"], task["path"], task.get("options", {})
+    synthetic = "synthetic" in task.get("flags", ())
+    model, opt = build(kind, world, wd, options)
+    run_steps(kind, model, opt, rank, world, 0, 5, synthetic)
     params = full_params(model, kind)
     save_optimizer(opt, os.path.join(path, "optimizer"))
     if rank == 0:
-        torch.save(dict(params=params, world=world, wd=wd), os.path.join(path, "model.pt"))
+        torch.save(dict(params=params, world=world, wd=wd, options=options, synthetic=synthetic),
+                   os.path.join(path, "model.pt"))
     if world > 1:
         dist.barrier()
     return dict(saved=path) if rank == 0 else None
@@ -328,18 +326,17 @@ def task_load(task: dict, rank: int, world: int) -> dict | None:
     kind, path = task["kind"], task["path"]
     saved = torch.load(os.path.join(path, "model.pt"), weights_only=False)
     # built with a different weight decay on purpose: load_optimizer must restore the saved hparams
-    model, opt, units, layouts = build(kind, world, 0.5, init=saved["params"])
+    model, opt = build(kind, world, 0.5, saved["options"], init=saved["params"])
     load_optimizer(opt, os.path.join(path, "optimizer"))
     assert opt.param_groups[0]["weight_decay"] == saved["wd"], "hparams not restored"
-    if kind == "plain":
-        train_reference(model, opt, 5, world, first=5)
-    else:
-        train(model, opt, 5, rank, world, first=5)
+    dtypes = {opt.state[u.param]["exp_avg"].dtype for u in opt.units}
+    assert dtypes == {opt.momentum_dtype}, f"first moment loaded as {dtypes}"
+    run_steps(kind, model, opt, rank, world, 5, 5, saved["synthetic"])
     got = full_params(model, kind)
     if rank != 0:
         return None
-    ref = reference_resume(saved["wd"], saved["world"], world)
-    return dict(err=rel_err(got, ref, saved["params"]), saved_world=saved["world"])
+    ref, _ = reference_run(saved["wd"], saved["options"], [(5, saved["world"]), (5, world)], saved["synthetic"])
+    return dict(err=rel_err(got, ref, saved["params"]), saved_world=saved["world"], options=saved["options"])
 
 
 def run_tasks(tasks, rank: int, world: int) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 import socket
 import threading
@@ -20,10 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import models
-import optim.adam_mini as adam_mini_module
 from optim.adam_mini import AdamMini
 from optim.build import build_optimizer, optimizer_state_bytes
-from optim.layout import model_layout
+from optim.layout import Partition, model_layout
 from optim.memory import adam_mini_state_bytes, adamw_state_bytes, v_entries
 from optim.units import Segment, Unit, units_from_module
 
@@ -32,12 +30,18 @@ HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 # ----------------------------------------------------------------------------- reference
 class Reference:
-    """Float64 Adam-mini from the formula: v per block via per-element block ids."""
+    """Float64 Adam-mini from the formula: v per block via per-element block ids.
 
-    def __init__(self, params: dict[str, torch.Tensor], layouts, lr, betas, eps, weight_decay, eps_inside_sqrt=False):
+    `bf16_momentum`: m is rounded to bfloat16 (to nearest, ties to even, straight from float64) after every
+    step and the step uses the rounded m. `ties(name, rounded, exact, bound)` may then replace the rounded m
+    where the float64 value lies within `bound` (a float32 evaluation's error bound) of a rounding midpoint
+    (see `adopt_ties`)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], layouts, lr, betas, eps, weight_decay, eps_inside_sqrt=False,
+                 bf16_momentum=False):
         self.p = {n: t.detach().double().clone() for n, t in params.items()}
         self.layouts, self.lr, self.betas, self.eps, self.wd = layouts, lr, betas, eps, weight_decay
-        self.eps_inside_sqrt = eps_inside_sqrt
+        self.eps_inside_sqrt, self.bf16_momentum = eps_inside_sqrt, bf16_momentum
         self.ids, self.counts = {}, {}
         for n in params:
             sizes = torch.tensor([b for k, b in layouts[n].runs for _ in range(k)], dtype=torch.long)
@@ -47,7 +51,7 @@ class Reference:
         self.v = {n: torch.zeros(len(self.counts[n]), dtype=torch.float64) for n in params}
         self.t = {n: 0 for n in params}
 
-    def step(self, grads: dict[str, torch.Tensor | None], lr=None):
+    def step(self, grads: dict[str, torch.Tensor | None], lr=None, ties=None):
         lr = self.lr if lr is None else lr
         b1, b2 = self.betas
         for n, g in grads.items():
@@ -58,13 +62,50 @@ class Reference:
             t = self.t[n]
             sq = torch.zeros_like(self.v[n]).index_add_(0, self.ids[n], g * g)
             self.v[n] = b2 * self.v[n] + (1 - b2) * sq / self.counts[n]
-            self.m[n] = b1 * self.m[n] + (1 - b1) * g
+            decayed, fresh = b1 * self.m[n], (1 - b1) * g
+            self.m[n] = decayed + fresh
+            if self.bf16_momentum:
+                rounded = round_bf16(self.m[n])
+                # float32 evaluation: coefficients, products and sum each rounded (2^-24 relative), x2 margin
+                bound = 2.0 ** -22 * (decayed.abs() + fresh.abs()) + 2.0 ** -23 * self.m[n].abs()
+                self.m[n] = rounded if ties is None else ties(n, rounded, self.m[n], bound)
             p = self.p[n].reshape(-1)
             if self.layouts[n].weight_decay:
                 p.mul_(1 - lr * self.wd)
             vhat = self.v[n][self.ids[n]] / (1 - b2 ** t)
             denom = (vhat + self.eps).sqrt() if self.eps_inside_sqrt else vhat.sqrt() + self.eps
             p.sub_(lr * (self.m[n] / (1 - b1 ** t)) / denom)
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 values (8 significant bits) around float64 `x`, as a power of two."""
+    _, exp = torch.frexp(x)
+    return torch.pow(2.0, (exp - 8).double())
+
+
+def round_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> the nearest bfloat16 value (ties to even), still float64; no detour through float32."""
+    ulp = _bf16_ulp(x)
+    return torch.round(x / ulp) * ulp  # exact scalings by powers of two; torch.round: half to even
+
+
+def near_bf16_tie(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Where float64 `x` lies within `bound` of a midpoint between two neighbouring bfloat16 values."""
+    ulp = _bf16_ulp(x)
+    scaled = x.abs() / ulp
+    return ((scaled - scaled.floor()) - 0.5).abs() * ulp <= bound
+
+
+def adopt_ties(stored: dict[str, torch.Tensor], adopted: list[int]):
+    """A `Reference.step` `ties` hook: where the optimizer's `stored` bf16 m differs from the reference's rounding,
+    the float64 value must be a near-tie (float32 arithmetic may land on either side); the reference then takes
+    the optimizer's value there. `adopted[0]` counts such elements."""
+    def ties(name, rounded, exact, bound):
+        differ = rounded != stored[name]
+        assert bool(near_bf16_tie(exact, bound)[differ].all()), f"{name}: m is not the bf16 rounding of the float64 m"
+        adopted[0] += int(differ.sum())
+        return torch.where(differ, stored[name], rounded)
+    return ties
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -98,7 +139,7 @@ def test_matches_float64_reference_on_debug_model(grad_scale, eps):
     config, model = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
     hp = dict(HP, eps=eps)
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **hp)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **hp)
     ref = Reference(dict(model.named_parameters()), layouts, **hp)
     wrong = Reference(dict(model.named_parameters()), layouts, **hp, eps_inside_sqrt=True)
     p0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
@@ -123,7 +164,7 @@ def test_matches_float64_reference_on_debug_model(grad_scale, eps):
 def test_none_grads_are_skipped_and_closure_works():
     config, model = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **HP)
     ref = Reference(dict(model.named_parameters()), layouts, **HP)
     skipped = {"transformer.h.1.attn.qkv.weight", "transformer.ln_f.weight"}
     before = {n: dict(model.named_parameters())[n].detach().clone() for n in skipped}
@@ -155,10 +196,10 @@ def test_state_dict_round_trip_continues_exactly():
     config, model_a = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model_a.named_parameters()])
     model_b = copy.deepcopy(model_a)
-    opt_a = AdamMini(units_from_module(model_a), layouts, fast=False, **HP)
+    opt_a = AdamMini(units_from_module(model_a), layouts, implementation="eager", **HP)
     _run(model_a, opt_a, range(10))
 
-    opt_b = AdamMini(units_from_module(model_b), layouts, fast=False, **HP)
+    opt_b = AdamMini(units_from_module(model_b), layouts, implementation="eager", **HP)
     _run(model_b, opt_b, range(5))
     buf = io.BytesIO()
     torch.save({"model": model_b.state_dict(), "optim": opt_b.state_dict()}, buf)
@@ -166,7 +207,8 @@ def test_state_dict_round_trip_continues_exactly():
     saved = torch.load(buf)
     _, model_c = debug_model(seed=123)  # different weights: everything must come from the checkpoint
     model_c.load_state_dict(saved["model"])
-    opt_c = AdamMini(units_from_module(model_c), layouts, fast=False, lr=0.5, betas=(0.5, 0.5), eps=1.0, weight_decay=0.0)
+    opt_c = AdamMini(units_from_module(model_c), layouts, implementation="eager", lr=0.5, betas=(0.5, 0.5), eps=1.0,
+                     weight_decay=0.0)
     opt_c.load_state_dict(saved["optim"])
     assert opt_c.param_groups[0]["betas"] == HP["betas"] and opt_c.param_groups[0]["weight_decay"] == HP["weight_decay"]
     _run(model_c, opt_c, range(5, 10))
@@ -182,7 +224,7 @@ def test_bf16_params_keep_fp32_state(path):
         pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
     config, model = debug_model(dtype=torch.bfloat16)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, **(dict(fast=False) if path == "eager" else dict(native=True)), **HP)
+    opt = AdamMini(units_from_module(model), layouts, implementation=path, **HP)
     assert opt.implementation == path
     # reference: float64 math, rounded to bf16 after every step like the optimizer's write-back
     ref = Reference(dict(model.named_parameters()), layouts, **HP)
@@ -204,6 +246,99 @@ def test_bf16_params_keep_fp32_state(path):
         ulp = ref.p[n].abs().clamp_min(1e-3) * 2.0 ** -7
         off = (p.double() - ref.p[n]).abs() > ulp
         assert float(off.double().mean()) < 1e-3, n  # at most rare rounding-boundary differences
+
+
+def _skip_unavailable(implementation: str) -> None:
+    from optim import kernels, native
+
+    if implementation == "native" and not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    if implementation == "compiled" and not kernels.compile_available():
+        pytest.skip("torch.compile is not usable here")
+
+
+def test_round_bf16_helpers_by_hand():
+    """The reference's own rounding, on hand-picked float64 values (8 significant bits)."""
+    x = torch.tensor([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -8 + 2 ** -30, -(1 + 2 ** -8), 3.0, 0.0],
+                     dtype=torch.float64)
+    want = torch.tensor([1.0, 1.0, 1 + 2 ** -6, 1 + 2 ** -7, -1.0, 3.0, 0.0], dtype=torch.float64)
+    assert torch.equal(round_bf16(x), want)
+    assert near_bf16_tie(x, torch.full_like(x, 2.0 ** -31)).tolist() == [False, True, True, False, True, False, False]
+    assert near_bf16_tie(x, torch.full_like(x, 2.0 ** -29)).tolist() == [False, True, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "native", "compiled"])
+def test_bf16_momentum_matches_float64_reference_that_rounds_m(implementation):
+    """bf16 m: every write is m rounded to nearest even, and the step uses the stored m: 10 steps against a
+    float64 reference that rounds its m to bf16 after each step (ties within float32 precision excepted)."""
+    _skip_unavailable(implementation)
+    config, model = debug_model()
+    params = dict(model.named_parameters())
+    layouts = model_layout(config, [(n, p.shape) for n, p in params.items()])
+    opt = AdamMini(units_from_module(model), layouts, implementation=implementation, momentum_dtype=torch.bfloat16,
+                   **HP)
+    assert opt.implementation == implementation
+    ref = Reference(params, layouts, **HP, bf16_momentum=True)
+    adopted = [0]
+    for step in range(10):
+        grads = random_grads(model, step)
+        lr = HP["lr"] * (1 + 0.1 * step)
+        opt.param_groups[0]["lr"] = lr
+        set_grads(model, grads)
+        opt.step()
+        stored = {n: opt.state[p]["exp_avg"].double() for n, p in params.items()}
+        ref.step(grads, lr=lr, ties=adopt_ties(stored, adopted))
+    writes = 10 * sum(p.numel() for p in params.values())
+    assert adopted[0] <= 1e-4 * writes, f"{adopted[0]} of {writes} writes off the float64 rounding"
+    for n, p in params.items():
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(st["exp_avg"].double(), ref.m[n]), n
+        assert rel_err(p, ref.p[n]) <= 1e-6, n
+        assert rel_err(st["exp_avg_sq"], ref.v[n]) <= 1e-5, n
+
+
+def _train(model, opt, steps):
+    for step in steps:
+        set_grads(model, random_grads(model, step))
+        opt.step()
+
+
+def test_bf16_momentum_state_dict_resume_keeps_bf16_and_casts_other_dtypes():
+    config, model_a = debug_model()
+    layouts = model_layout(config, [(n, p.shape) for n, p in model_a.named_parameters()])
+    model_b = copy.deepcopy(model_a)
+    bf16 = dict(momentum_dtype=torch.bfloat16, **HP)
+    opt_a = AdamMini(units_from_module(model_a), layouts, **bf16)
+    _train(model_a, opt_a, range(6))
+    opt_b = AdamMini(units_from_module(model_b), layouts, **bf16)
+    _train(model_b, opt_b, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "optim": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    _, model_c = debug_model(seed=5)
+    model_c.load_state_dict(saved["model"])
+    opt_c = AdamMini(units_from_module(model_c), layouts, **bf16)
+    opt_c.load_state_dict(saved["optim"])
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt_c.state.values())
+    _train(model_c, opt_c, range(3, 6))
+    for (n, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc), n
+        assert torch.equal(opt_a.state[pa]["exp_avg"], opt_c.state[pc]["exp_avg"]), n
+    # another momentum dtype in the checkpoint: cast to the configured one (bf16: round to nearest even)
+    widened = AdamMini(units_from_module(model_c), layouts, **HP)
+    widened.load_state_dict(saved["optim"])
+    model_d = copy.deepcopy(model_c)
+    fp32 = AdamMini(units_from_module(model_d), layouts, **HP)
+    _train(model_d, fp32, range(2))
+    narrowed = AdamMini(units_from_module(model_d), layouts, **bf16)
+    narrowed.load_state_dict(fp32.state_dict())
+    for (pb, pc), pd in zip(zip(model_b.parameters(), model_c.parameters()), model_d.parameters()):
+        assert torch.equal(widened.state[pc]["exp_avg"], opt_b.state[pb]["exp_avg"].float())
+        m32 = fp32.state[pd]["exp_avg"]
+        assert narrowed.state[pd]["exp_avg"].dtype == torch.bfloat16
+        assert torch.equal(narrowed.state[pd]["exp_avg"], m32.to(torch.bfloat16)) and m32.abs().max() > 0
 
 
 # ----------------------------------------------------------------------------- simulated sharding
@@ -246,7 +381,9 @@ def shard_units(names, layouts, flat, cuts, group, pad):
     return units
 
 
-def test_sharded_units_with_mid_block_cuts_match_reference(monkeypatch):
+@pytest.mark.parametrize("momentum_dtype", [torch.float32, torch.bfloat16])
+def test_sharded_units_with_mid_block_cuts_match_reference_and_unsharded(monkeypatch, momentum_dtype):
+    """Six simulated ranks vs the float64 reference and vs the unsharded optimizer (default implementation)."""
     config, model = debug_model()
     params = dict(model.named_parameters())
     names = ["transformer.h.0.norm_1.weight", "transformer.h.0.attn.qkv.weight", "transformer.h.0.attn.proj.weight",
@@ -257,14 +394,24 @@ def test_sharded_units_with_mid_block_cuts_match_reference(monkeypatch):
     cuts = [0, 64 + 1024 + 517, 64 + 4096 + 700, 64 + 6144 + 33, 64 + 8192 + 100, 64 + 8192 + 4096 + 30, flat.numel()]
     world, pad = len(cuts) - 1, 5
     group = FakeGroup(world)
-    monkeypatch.setattr(adam_mini_module.dist, "all_reduce", group.all_reduce)
+    monkeypatch.setattr(dist, "all_reduce", group.all_reduce)
     units = shard_units(names, layouts, flat, cuts, group, pad)
-    opts = [AdamMini([u], layouts, fast=False, **HP) for u in units]
+    hp = dict(HP, momentum_dtype=momentum_dtype)
+    opts = [AdamMini([u], layouts, implementation="eager", **hp) for u in units]
     for left, right in zip(opts, opts[1:]):  # every cut splits a block between two ranks
         last, first = left.plans[0].chunks[-1], right.plans[0].chunks[0]
-        full = int(left.plans[0].block_numel_tensor()[last.block])
+        full = left.plans[0].block_numel(last.block)
         assert last.block == first.block and last.length + first.length == full
-    ref = Reference({n: params[n] for n in names}, layouts, **HP)
+    whole = {n: torch.nn.Parameter(params[n].detach().clone()) for n in names}
+    unsharded = AdamMini([Unit(p, (n,), (Segment(n, 0, p.numel(), 0),), label=n) for n, p in whole.items()],
+                         layouts, **hp)
+    ref = Reference({n: params[n] for n in names}, layouts, **HP, bf16_momentum=momentum_dtype == torch.bfloat16)
+    adopted = [0]
+
+    def sharded_m():
+        m = torch.cat([o.state[u.param]["exp_avg"][: b - a] for o, u, a, b in zip(opts, units, cuts, cuts[1:])])
+        return dict(zip(names, m.split([layouts[n].numel for n in names])))
+
     for step in range(10):
         grads = {n: g for n, g in random_grads(model, step).items() if n in names}
         gflat = torch.cat([grads[n].reshape(-1) for n in names])
@@ -272,24 +419,31 @@ def test_sharded_units_with_mid_block_cuts_match_reference(monkeypatch):
             g = torch.randn(u.param.numel())  # garbage in the padding must be ignored
             g[: b - a] = gflat[a:b]
             u.param.grad = g
-        threads = [threading.Thread(target=lambda r=r: (setattr(group.local, "rank", r), opts[r].step())) for r in range(world)]
+        threads = [threading.Thread(target=lambda r=r: (setattr(group.local, "rank", r), opts[r].step()))
+                   for r in range(world)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        ref.step(grads)
+        for n, p in whole.items():
+            p.grad = grads[n].clone()
+        unsharded.step()
+        ref.step(grads, ties=adopt_ties({n: m.double() for n, m in sharded_m().items()}, adopted))
     assert group.calls == [10] * world  # one all-reduce per unit per step
+    assert adopted[0] <= 1e-4 * 10 * flat.numel()
     got = torch.cat([u.param.detach()[: b - a] for u, a, b in zip(units, cuts, cuts[1:])])
-    want = torch.cat([ref.p[n].reshape(-1) for n in names])
-    assert rel_err(got, want) <= 1e-6
+    assert rel_err(got, torch.cat([ref.p[n].reshape(-1) for n in names])) <= 1e-6
+    assert rel_err(got, torch.cat([p.detach().reshape(-1) for p in whole.values()]).double()) <= 1e-6
+    for n, m in sharded_m().items():  # the first moment of the sharded run is the unsharded one, bit for bit
+        assert m.dtype == momentum_dtype and torch.equal(m, unsharded.state[whole[n]]["exp_avg"]), n
     assert torch.equal(units[-1].param.detach()[-pad:], torch.full((pad,), 7.0))
-    assert torch.equal(opts[-1].state[units[-1].param]["exp_avg"][-pad:], torch.zeros(pad))
+    assert torch.equal(opts[-1].state[units[-1].param]["exp_avg"][-pad:], torch.zeros(pad, dtype=momentum_dtype))
     v_ref = torch.cat([ref.v[n] for n in names])
     for opt, u in zip(opts, units):  # v is replicated and exact on every rank
         assert rel_err(opt.state[u.param]["exp_avg_sq"], v_ref) <= 1e-5
 
 
-def test_fast_path_equals_eager_on_full_and_partial_chunks():
+def test_compiled_chunks_equal_eager_on_full_and_partial_chunks():
     """Compiled per-chunk kernels vs the eager path, on shards with partial blocks (few shapes: compile is slow)."""
     from optim import kernels
 
@@ -302,26 +456,26 @@ def test_fast_path_equals_eager_on_full_and_partial_chunks():
     flat = torch.cat([params[n].detach().reshape(-1) for n in names])
     cuts = [0, 64 + 4096 + 512, flat.numel()]  # mid K group: both ranks get a (512, 1) partial chunk
     runs = {}
-    for fast in (False, True):
+    for impl in ("eager", "compiled"):
         units = shard_units(names, layouts, flat, cuts, None, pad=3)
-        opts = [AdamMini([u], layouts, fast=fast, **HP) for u in units]
-        assert all(o.fast == fast for o in opts)
+        opts = [AdamMini([u], layouts, implementation=impl, **HP) for u in units]
+        assert all(o.implementation == impl for o in opts)
         for step in range(3):
             gen = torch.Generator().manual_seed(step)
             for opt, u in zip(opts, units):
                 u.param.grad = torch.randn(u.param.numel(), generator=gen)
                 opt.param_groups[0]["lr"] = HP["lr"] / (1 + step)
                 opt.step()
-        runs[fast] = [(u.param.detach().clone(), o.state[u.param]) for u, o in zip(units, opts)]
+        runs[impl] = [(u.param.detach().clone(), o.state[u.param]) for u, o in zip(units, opts)]
     assert kernels.cached_kernels() >= 4
-    for (pe, se), (pf, sf) in zip(runs[False], runs[True]):
+    for (pe, se), (pf, sf) in zip(runs["eager"], runs["compiled"]):
         assert rel_err(pf, pe.double()) <= 1e-6
         assert rel_err(sf["exp_avg"], se["exp_avg"].double()) <= 1e-6
         assert torch.equal(sf["exp_avg_sq"], se["exp_avg_sq"])
-    assert torch.equal(runs[True][-1][0][-3:], torch.full((3,), 7.0))  # padding untouched
+    assert torch.equal(runs["compiled"][-1][0][-3:], torch.full((3,), 7.0))  # padding untouched
 
 
-def test_fast_whole_block_path_equals_eager_and_reference():
+def test_compiled_rows_equal_eager_and_reference():
     """Unsharded units (complete blocks): the grouped compiled kernels (block sums included) vs eager and float64.
 
     The compiled path serves these units off CPU (on CPU the native kernel does, see test_optim_native).
@@ -333,11 +487,11 @@ def test_fast_whole_block_path_equals_eager_and_reference():
         pytest.skip("torch.compile is not usable here")
     config, _ = debug_model()
     runs = {}
-    for fast in (False, True):
+    for impl in ("eager", "compiled"):
         _, model = debug_model()
         layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-        opt = AdamMini(units_from_module(model), layouts, fast=fast, native=False, **HP)  # native: test_optim_native
-        assert opt.fast == fast and all(opt._whole)
+        opt = AdamMini(units_from_module(model), layouts, implementation=impl, **HP)  # native: test_optim_native
+        assert opt.implementation == impl and all(p.complete_blocks for p in opt.plans)
         ref = Reference(dict(model.named_parameters()), layouts, **HP)
         for step in range(3):
             grads = random_grads(model, step)
@@ -346,16 +500,38 @@ def test_fast_whole_block_path_equals_eager_and_reference():
             set_grads(model, grads)
             opt.step()
             ref.step(grads, lr=lr)
-        runs[fast] = {n: (p.detach().clone(), opt.state[p]) for n, p in model.named_parameters()}
+        runs[impl] = {n: (p.detach().clone(), opt.state[p]) for n, p in model.named_parameters()}
         for n, p in model.named_parameters():
             assert rel_err(p, ref.p[n]) <= 1e-6, n
             assert rel_err(opt.state[p]["exp_avg_sq"], ref.v[n]) <= 1e-5, n
-    for n, (pe, se) in runs[False].items():
-        pf, sf = runs[True][n]
+    for n, (pe, se) in runs["eager"].items():
+        pf, sf = runs["compiled"][n]
         assert rel_err(pf, pe.double()) <= 1e-6, n
         assert rel_err(sf["exp_avg"], se["exp_avg"].double()) <= 1e-6, n
         assert rel_err(sf["exp_avg_sq"], se["exp_avg_sq"].double()) <= 1e-6, n
         assert float(sf["step"]) == 3
+
+
+def test_implementation_choices_resolve_once_or_fail_naming_the_option(monkeypatch):
+    from optim import dispatch, kernels, native
+
+    config, model = debug_model()
+    layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
+
+    def build(implementation="auto"):
+        return AdamMini(units_from_module(model), layouts, implementation=implementation, **HP)
+
+    monkeypatch.setattr(native, "available", lambda: False)  # e.g. no C++ compiler: auto has two choices left
+    monkeypatch.setattr(kernels, "compile_available", lambda: True)
+    assert build().implementation == "eager"  # the debug model is below FAST_MIN_NUMEL: compiling would not pay
+    monkeypatch.setattr(dispatch, "FAST_MIN_NUMEL", 1)
+    assert build().paths == ["compiled"] * len(layouts)
+    monkeypatch.setattr(kernels, "compile_available", lambda: False)
+    assert build().implementation == "eager"
+    with pytest.raises(RuntimeError, match="implementation='compiled': torch.compile is not usable"):
+        build("compiled")
+    with pytest.raises(ValueError, match="implementation must be one of auto, native, compiled, eager; got 'fast'"):
+        build("fast")
 
 
 # ----------------------------------------------------------------------------- build and memory
@@ -370,7 +546,7 @@ def test_build_optimizer_strips_wrappers_and_adamw_groups():
             self._forward_module.module._orig_mod = inner
 
     wrapped = Wrapper(model)
-    opt = build_optimizer(wrapped, config, "adam_mini", fast=False, **HP)
+    opt = build_optimizer(wrapped, config, "adam_mini", implementation="eager", **HP)
     assert [u.names[0] for u in opt.units] == [n for n, _ in model.named_parameters()]
     adamw = build_optimizer(wrapped, config, "adamw", **HP)
     decay, no_decay = adamw.param_groups
@@ -390,6 +566,14 @@ def test_state_bytes_formulas_match_real_optimizers_and_tinyllama_ratio():
         set_grads(model, random_grads(model, 0))
         opt.step()
         assert optimizer_state_bytes(opt) == expected, name
+    # the options: bf16 m, and the partition choices (their v entries)
+    elements_whole = dict(embedding_blocks="elements", value_blocks="whole")
+    for options in (dict(momentum_dtype="bfloat16"), elements_whole, dict(elements_whole, momentum_dtype="bfloat16")):
+        opt = build_optimizer(model, config, "adam_mini", **options, **HP)
+        opt.step()
+        dtype = torch.bfloat16 if "momentum_dtype" in options else torch.float32
+        partition = Partition(**{k: v for k, v in options.items() if k != "momentum_dtype"})
+        assert optimizer_state_bytes(opt) == adam_mini_state_bytes(model_layout(config, shapes, partition), dtype)
     # TinyLlama 1.1B on the meta device: computed, nothing allocated
     big = models.get_config("tinyllama-1.1b")
     meta = models.build_model(big)
@@ -397,10 +581,33 @@ def test_state_bytes_formulas_match_real_optimizers_and_tinyllama_ratio():
     layouts = model_layout(big, shapes)
     ratio = adam_mini_state_bytes(layouts) / adamw_state_bytes(shapes)
     assert 0.5 < ratio <= 0.5005
+    assert 0.25 < adam_mini_state_bytes(layouts, torch.bfloat16) / adamw_state_bytes(shapes) <= 0.2505
     assert 350_000 < v_entries(layouts) < 450_000
-    opt = AdamMini(units_from_module(meta), layouts, fast=False)
-    opt.init_state()  # meta tensors: the real optimizer's own accounting agrees with the formula
-    assert optimizer_state_bytes(opt) == adam_mini_state_bytes(layouts)
+    for dtype in (torch.float32, torch.bfloat16):
+        opt = AdamMini(units_from_module(meta), layouts, implementation="eager", momentum_dtype=dtype)
+        opt.init_state()  # meta tensors: the real optimizer's own accounting agrees with the formula
+        assert optimizer_state_bytes(opt) == adam_mini_state_bytes(layouts, dtype)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "native"])
+def test_elements_embeddings_and_whole_values_match_reference(implementation):
+    """The non-default partition through `build_optimizer`, 5 steps against the float64 reference."""
+    _skip_unavailable(implementation)
+    config, model = debug_model()
+    params = dict(model.named_parameters())
+    opt = build_optimizer(model, config, "adam_mini", implementation=implementation, embedding_blocks="elements",
+                          value_blocks="whole", **HP)
+    assert opt.layouts["lm_head.weight"].kind == "elements"
+    assert opt.layouts["transformer.h.0.attn.qkv.weight"].runs[-1] == (1, 32 * 64)
+    ref = Reference(params, opt.layouts, **HP)
+    for step in range(5):
+        grads = random_grads(model, step)
+        set_grads(model, grads)
+        opt.step()
+        ref.step(grads)
+    for n, p in params.items():
+        assert rel_err(p, ref.p[n]) <= 1e-6, n
+        assert rel_err(opt.state[p]["exp_avg_sq"], ref.v[n]) <= 1e-5, n
 
 
 # ----------------------------------------------------------------------------- DDP, 2 gloo processes
@@ -424,7 +631,7 @@ def _ddp_worker(rank, world, port, out_dir):
     try:
         config, model = debug_model(vocab_size=256)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = build_optimizer(ddp, config, "adam_mini", fast=False, **HP)
+        opt = build_optimizer(ddp, config, "adam_mini", implementation="eager", **HP)
         assert all(u.group is None for u in opt.units)
         for step in range(DDP_STEPS):
             opt.zero_grad()
@@ -443,7 +650,7 @@ def test_ddp_two_processes_equal_single_process_with_averaged_grads(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     config, model = debug_model(vocab_size=256)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **HP)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **HP)
     for step in range(DDP_STEPS):
         grads = []
         for rank in range(2):

@@ -15,6 +15,13 @@ One spawn per world size (W = 2, 3, 4) runs all variants; the results are assert
 - checkpoints (`optim.state.save_optimizer`/`load_optimizer`, DCP) written on 2 ranks (FSDP1, FSDP2,
   DDP) and on 1 process load on 1, 3 and 4 ranks, into FSDP1, FSDP2, DDP or a plain model; 5 more
   steps equal the uninterrupted run <= 1e-6;
+- the options: a bf16 first moment and the non-default partition (`elements` embeddings, `whole` V
+  blocks), together and apart, in equivalence and checkpoint (2 -> 1, 3, 4 ranks, FSDP1 -> plain, FSDP2,
+  FSDP1) runs; on synthetic gradients every exp_avg equals the unsharded one exactly. On real data the
+  two runs' gradients differ in rounding; a bf16 m turns that into rare one-ulp differences of m, and
+  `elements` embeddings (per-element Adam: an entry that is rounding noise after cancellation gets a
+  full-size step) into large ones, so those two are compared on synthetic gradients (the same bits
+  on both sides) and real data covers the `whole` V blocks;
 - the geometry the tests rely on really occurs (Q head, K group and row cut mid-block, a padded last
   rank, a rank holding part of one parameter only), and the pure replica of FSDP1's split
   (`optim.flat.flat_shard_segments`, used by the benchmark) matches FSDP's fields.
@@ -49,14 +56,20 @@ def _spawn(world: int, tasks: list[dict], out_dir: str) -> dict:
     return torch.load(os.path.join(out_dir, f"result_w{world}.pt"), weights_only=False)
 
 
-def _eq(name, kind, wd, *flags):
-    return dict(op="eq", name=name, kind=kind, wd=wd, flags=tuple(flags))
+BF16 = dict(momentum_dtype="bfloat16")
+PART = dict(embedding_blocks="elements", value_blocks="whole")
+PART_BF16 = dict(PART, **BF16)
+V_WHOLE = dict(value_blocks="whole")
+
+
+def _eq(name, kind, wd, *flags, options=None):
+    return dict(op="eq", name=name, kind=kind, wd=wd, flags=tuple(flags), options=options or {})
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    ck = {k: str(root / k) for k in ("fsdp1_w2", "fsdp2_w2", "ddp_w2", "plain_w1")}
+    ck = {k: str(root / k) for k in ("fsdp1_w2", "fsdp2_w2", "ddp_w2", "plain_w1", "fsdp1_w2_alt")}
     for path in ck.values():
         os.makedirs(path)
     results = {}
@@ -65,7 +78,11 @@ def runs(tmp_path_factory):
         _eq("fsdp1_nogroup", "fsdp1", 0.1, "nogroup"),
         _eq("fsdp2_wd", "fsdp2", 0.1), _eq("fsdp2_syn", "fsdp2", 0.1, "synthetic"),
         _eq("ddp_wd", "ddp", 0.1),
+        _eq("fsdp1_syn_part_bf16", "fsdp1", 0.1, "synthetic", options=PART_BF16),
+        _eq("fsdp2_syn_bf16", "fsdp2", 0.1, "synthetic", options=BF16),
         dict(op="save", name="save_fsdp1", kind="fsdp1", wd=0.1, path=ck["fsdp1_w2"]),
+        dict(op="save", name="save_fsdp1_alt", kind="fsdp1", wd=0.1, path=ck["fsdp1_w2_alt"], flags=("synthetic",),
+             options=PART_BF16),
         dict(op="save", name="save_fsdp2", kind="fsdp2", wd=0.1, path=ck["fsdp2_w2"]),
         dict(op="save", name="save_ddp", kind="ddp", wd=0.1, path=ck["ddp_w2"]),
     ], str(root))
@@ -74,12 +91,16 @@ def runs(tmp_path_factory):
     results[1] = worker.run_tasks([
         dict(op="load", name="load_fsdp1_w2", kind="plain", path=ck["fsdp1_w2"]),
         dict(op="load", name="load_fsdp2_w2", kind="plain", path=ck["fsdp2_w2"]),
+        dict(op="load", name="load_fsdp1_w2_alt", kind="plain", path=ck["fsdp1_w2_alt"]),
         dict(op="save", name="save_plain", kind="plain", wd=0.1, path=ck["plain_w1"]),
     ], 0, 1)
     results[3] = _spawn(3, [
         _eq("fsdp1_wd", "fsdp1", 0.1), _eq("fsdp1_syn", "fsdp1", 0.1, "synthetic"),
         _eq("fsdp2", "fsdp2", 0.0), _eq("fsdp2_syn", "fsdp2", 0.1, "synthetic"),
+        _eq("fsdp1_v_whole", "fsdp1", 0.1, options=V_WHOLE),
+        _eq("fsdp2_syn_part_bf16", "fsdp2", 0.1, "synthetic", options=PART_BF16),
         dict(op="load", name="load_fsdp1_w2", kind="fsdp1", path=ck["fsdp1_w2"]),
+        dict(op="load", name="load_fsdp1_w2_alt", kind="fsdp2", path=ck["fsdp1_w2_alt"]),
         dict(op="load", name="load_fsdp2_w2", kind="fsdp1", path=ck["fsdp2_w2"]),
         dict(op="load", name="load_ddp_w2", kind="fsdp1", path=ck["ddp_w2"]),
         dict(op="load", name="load_plain_w1", kind="fsdp2", path=ck["plain_w1"]),
@@ -87,7 +108,10 @@ def runs(tmp_path_factory):
     results[4] = _spawn(4, [
         _eq("fsdp1_wd", "fsdp1", 0.1), _eq("fsdp1_syn", "fsdp1", 0.1, "synthetic"),
         _eq("fsdp2_wd", "fsdp2", 0.1), _eq("fsdp2_syn", "fsdp2", 0.1, "synthetic"),
+        _eq("fsdp1_syn_bf16", "fsdp1", 0.1, "synthetic", options=BF16),
+        _eq("fsdp2_v_whole", "fsdp2", 0.1, options=V_WHOLE),
         dict(op="load", name="load_fsdp1_w2", kind="fsdp1", path=ck["fsdp1_w2"]),
+        dict(op="load", name="load_fsdp1_w2_alt", kind="fsdp1", path=ck["fsdp1_w2_alt"]),
         dict(op="load", name="load_fsdp1_w2_fsdp2", kind="fsdp2", path=ck["fsdp1_w2"]),
         dict(op="load", name="load_fsdp1_w2_ddp", kind="ddp", path=ck["fsdp1_w2"]),
     ], str(root))
@@ -129,15 +153,24 @@ def test_sharded_equals_single_process(runs):
     for world in (2, 3, 4):  # real data with and without weight decay, both FSDP versions, every W
         assert {(world, "fsdp1_wd"), (world, "fsdp1_syn"), (world, "fsdp2_syn")} <= checked
     assert {(2, "fsdp1"), (3, "fsdp2"), (2, "fsdp2_wd"), (4, "fsdp2_wd"), (2, "ddp_wd")} <= checked
+    # the options: bf16 m, the non-default partition, and both
+    assert {(2, "fsdp1_syn_part_bf16"), (2, "fsdp2_syn_bf16"), (3, "fsdp1_v_whole"), (3, "fsdp2_syn_part_bf16"),
+            (4, "fsdp1_syn_bf16"), (4, "fsdp2_v_whole")} <= checked
 
 
 def test_synthetic_gradients_state_matches(runs):
-    for world in (2, 3, 4):
-        for kind in ("fsdp1", "fsdp2"):
-            res = runs[world][f"{kind}_syn"]
-            err = res["state_err"]
-            assert err["step"] == 1.0
-            assert err["exp_avg"] <= TOL and err["exp_avg_sq"] <= TOL, f"W={world} {kind}: state {err}"
+    """Same gradient bits on both sides: v to rounding, the first moment exactly, in its configured dtype."""
+    seen = set()
+    for world, name in _eq_names(runs):
+        if "_syn" not in name:
+            continue
+        err = runs[world][name]["state_err"]
+        assert err["step"] == 1.0 and err["dtype"] == 1.0, f"W={world} {name}: state {err}"
+        assert err["exp_avg"] == 0.0 and err["exp_avg_sq"] <= TOL, f"W={world} {name}: state {err}"
+        seen.add((world, name.split("_syn")[0], runs[world][name]["options"].get("momentum_dtype", "float32")))
+    assert {(w, k, "float32") for w in (2, 3, 4) for k in ("fsdp1", "fsdp2")} <= seen
+    assert {(2, "fsdp1", "bfloat16"), (2, "fsdp2", "bfloat16"), (3, "fsdp2", "bfloat16"), (4, "fsdp1", "bfloat16")} \
+        <= seen
 
 
 def test_negative_control_without_allreduce_fails(runs):
@@ -212,14 +245,15 @@ def test_fsdp2_geometry_cuts_heads(runs):
 
 
 def test_checkpoint_reshards_across_world_sizes_and_wrappers(runs):
-    expected = {1: {"load_fsdp1_w2", "load_fsdp2_w2"},
-                3: {"load_fsdp1_w2", "load_fsdp2_w2", "load_ddp_w2", "load_plain_w1"},
-                4: {"load_fsdp1_w2", "load_fsdp1_w2_fsdp2", "load_fsdp1_w2_ddp"}}
+    expected = {1: {"load_fsdp1_w2", "load_fsdp2_w2", "load_fsdp1_w2_alt"},
+                3: {"load_fsdp1_w2", "load_fsdp2_w2", "load_ddp_w2", "load_plain_w1", "load_fsdp1_w2_alt"},
+                4: {"load_fsdp1_w2", "load_fsdp1_w2_fsdp2", "load_fsdp1_w2_ddp", "load_fsdp1_w2_alt"}}
     for world, names in expected.items():
         for name in names:
             res = runs[world][name]
             rel, worst = _worst(res)
             assert rel <= TOL, f"resumed on W={world} ({name}): {worst} differs by {rel:.2e}"
+    assert all(runs[w]["load_fsdp1_w2_alt"]["options"] == PART_BF16 for w in (1, 3, 4))
 
 
 def _layouts():

@@ -8,7 +8,8 @@ import torch
 
 from optim import flat
 from optim.dtensor import row_shard
-from optim.flat import clean_fqn, even_shard_bounds, flat_shard_segments
+from optim.flat import even_shard_bounds, flat_shard_segments
+from optim.units import canonical_name
 
 
 def _chunk_reference(total: int, rank: int, world: int):
@@ -63,10 +64,10 @@ def test_row_shard_matches_torch_chunk_and_dtensor(rows, world):
             assert size == n and (n == 0 or offset == first)
 
 
-def test_clean_fqn_strips_wrappers():
-    assert clean_fqn("_forward_module.transformer.h.3._fsdp_wrapped_module._checkpoint_wrapped_module.attn.qkv.weight") \
-        == "transformer.h.3.attn.qkv.weight"
-    assert clean_fqn("_orig_mod.lm_head.weight") == "lm_head.weight"
+def test_canonical_name_strips_fsdp_and_checkpoint_wrappers():
+    name = "_forward_module.transformer.h.3._fsdp_wrapped_module._checkpoint_wrapped_module.attn.qkv.weight"
+    assert canonical_name(name) == "transformer.h.3.attn.qkv.weight"
+    assert canonical_name("_orig_mod.lm_head.weight") == "lm_head.weight"
 
 
 def test_missing_private_field_names_torch_version():

@@ -8,7 +8,7 @@ import torch
 
 import models
 from optim.blocks import decompose_segment, plan_unit
-from optim.layout import ParamLayout, format_layout, model_layout, param_layout
+from optim.layout import ParamLayout, Partition, format_layout, model_layout, param_layout
 from optim.units import Segment, Unit, canonical_name, units_from_module
 
 
@@ -69,6 +69,62 @@ def test_tinyllama_table_and_v_entries():
     table = format_layout(layouts)
     assert "transformer.h.21.attn.qkv.weight" in table and "32x131072 + 4x131072 + 256x2048" in table
     assert f"{n_v:,}" in table.splitlines()[-1]
+
+
+def _partition_truth(config, name, shape, partition: Partition):
+    """Independent truth for the non-default choices: block id per element (ADAM_MINI.md's table, altered)."""
+    if partition.embedding_blocks == "elements" and name in ("transformer.wte.weight", "lm_head.weight"):
+        return torch.arange(shape[0] * shape[1])
+    ids = _row_block_ids(config, name, shape)
+    if partition.value_blocks == "whole" and name.endswith("attn.qkv.weight"):
+        first_v = config.n_head + config.n_query_groups  # every V row -> the one block after the K groups
+        ids = ids.clamp(max=first_v)
+    return ids
+
+
+@pytest.mark.parametrize("partition", [Partition(), Partition("elements", "rows"), Partition("tokens", "whole"),
+                                       Partition("elements", "whole")], ids=str)
+def test_partition_choices_match_element_truth_and_hand_counts(partition):
+    config = models.get_config("debug")  # V = 4096, d = 64, 4 Q heads + 2 K groups of 16 rows, 32 V rows
+    shapes = _shapes(config)
+    layouts = model_layout(config, shapes, partition)
+    for name, shape in shapes:
+        assert torch.equal(_element_block_ids(layouts[name]), _partition_truth(config, name, shape, partition)), name
+        assert layouts[name].weight_decay == (len(shape) == 2)
+    elements, whole = partition.embedding_blocks == "elements", partition.value_blocks == "whole"
+    assert layouts["lm_head.weight"].runs == (((4096 * 64, 1),) if elements else ((4096, 64),))
+    assert layouts["transformer.h.1.attn.qkv.weight"].runs == ((4, 1024), (2, 1024), (1, 2048) if whole else (32, 64))
+    # v entries, by hand: root 2 embeddings + ln_f; per layer 2 norms + qkv + 64 proj + 2 x 176 MLP + 64 rows
+    per_layer = 2 + (4 + 2 + (1 if whole else 32)) + 64 + 2 * 176 + 64
+    assert sum(lay.n_blocks for lay in layouts.values()) == 2 * (4096 * 64 if elements else 4096) + 1 + 2 * per_layer
+    table = format_layout(layouts, partition).splitlines()
+    assert table[0] == f"Adam-mini blocks (embedding_blocks={partition.embedding_blocks}, " \
+                       f"value_blocks={partition.value_blocks})"
+    assert ("262144x1" in "\n".join(table)) == elements and ("4x1024 + 2x1024 + 1x2048" in "\n".join(table)) == whole
+
+
+def test_partition_options_are_checked_naming_them():
+    with pytest.raises(ValueError, match="embedding_blocks must be tokens or elements, got 'rows'"):
+        Partition(embedding_blocks="rows")
+    with pytest.raises(ValueError, match="value_blocks must be rows or whole, got 'heads'"):
+        Partition(value_blocks="heads")
+
+
+def test_elements_embeddings_cost_two_vd_fp32_more_state():
+    """2·(V·d - V) extra v entries (fp32) for TinyLlama, Llama-2 7B and 13B; bf16 m halves the m bytes."""
+    import math
+
+    from optim.memory import adam_mini_state_bytes
+
+    for name, v, d in (("tinyllama-1.1b", 32000, 2048), ("llama2-7b", 32000, 4096), ("llama2-13b", 32000, 5120)):
+        config = models.get_config(name)
+        shapes = _shapes(config)
+        default = model_layout(config, shapes)
+        elements = model_layout(config, shapes, Partition(embedding_blocks="elements"))
+        assert adam_mini_state_bytes(elements) - adam_mini_state_bytes(default) == 2 * (v * d - v) * 4, name
+        n_params = sum(math.prod(s) for _, s in shapes)
+        m32, m16 = adam_mini_state_bytes(default), adam_mini_state_bytes(default, torch.bfloat16)
+        assert m32 - m16 == 2 * n_params, name
 
 
 def test_biases_are_per_element_without_decay():

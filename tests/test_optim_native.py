@@ -19,10 +19,12 @@ from optim import native
 from optim.adam_mini import AdamMini
 from optim.blocks import Chunk
 from optim.layout import model_layout
-from optim.units import units_from_module
+from optim.units import Segment, Unit, units_from_module
+from optim.update import StepHyper
 from test_optim_adam_mini import HP, Reference, debug_model, random_grads, rel_err, set_grads
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernel unavailable: {native.unavailable_reason()}")
 
 B1, B2, EPS = 0.9, 0.95, 1e-8
 
@@ -30,8 +32,8 @@ B1, B2, EPS = 0.9, 0.95, 1e-8
 SHAPES = [(7, 1), (3, 63), (5, 64), (4, 65), (9, 200), (2, native.TASK_NUMEL + 13), (300, 384)]
 
 
-def _hyper(t: int, lr: float, wd: float) -> tuple:
-    return (B1, 1 - B1, B2, 1 - B2, 1 - B2 ** t, lr / (1 - B1 ** t), EPS, 1 - lr * wd)
+def _hyper(t: int, lr: float, wd: float) -> StepHyper:
+    return StepHyper.of(dict(betas=(B1, B2), lr=lr, eps=EPS, weight_decay=wd), t)
 
 
 def _chunks(shapes, decays) -> tuple[list[Chunk], int, int]:
@@ -45,27 +47,32 @@ def _chunks(shapes, decays) -> tuple[list[Chunk], int, int]:
 
 
 def _expected(p, g, m, v, chunks, t, lr, wd):
-    """The update of ADAM_MINI.md in float64, from the same inputs (p, g upcast)."""
-    p, g, m, v = (x.double().clone() for x in (p, g, m, v))
+    """The update of ADAM_MINI.md in float64 from the same inputs (p, g upcast), except m: its contract is
+    fl(fl(b1·m) + fl((1 - b1)·g)) in float32 (torch's own ops here), stored in m's dtype (torch's cast, round to
+    nearest even); the step uses the stored m."""
+    m_stored = m.clone()
+    p, g, v = (x.double().clone() for x in (p, g, v))
     for c in chunks:
         sl = slice(c.offset, c.offset + c.numel)
         gr = g[sl].view(c.rows, c.length)
         v[c.block:c.block + c.rows] = B2 * v[c.block:c.block + c.rows] + (1 - B2) * (gr * gr).mean(1)
-        m[sl] = B1 * m[sl] + (1 - B1) * g[sl]
+        m_stored[sl] = (m_stored[sl].float() * B1 + g[sl].float() * (1 - B1)).to(m.dtype)
         vhat = v[c.block:c.block + c.rows] / (1 - B2 ** t)
         scale = lr / (1 - B1 ** t) / (vhat.sqrt() + EPS)
         decay = 1 - lr * wd if c.decay else 1.0
-        p[sl] = (p[sl].view(c.rows, c.length) * decay - scale[:, None] * m[sl].view(c.rows, c.length)).reshape(-1)
-    return p, m, v
+        m_used = m_stored[sl].double().view(c.rows, c.length)
+        p[sl] = (p[sl].view(c.rows, c.length) * decay - scale[:, None] * m_used).reshape(-1)
+    return p, m_stored, v
 
 
-@pytest.mark.parametrize("p_dtype, g_dtype", list(itertools.product([torch.float32, torch.bfloat16], repeat=2)))
-def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dtype):
+@pytest.mark.parametrize("p_dtype, g_dtype, m_dtype",
+                         list(itertools.product([torch.float32, torch.bfloat16], repeat=3)))
+def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dtype, m_dtype):
     gen = torch.Generator().manual_seed(0)
     chunks, numel, n_blocks = _chunks(SHAPES, [True, False] * 4)
     p = torch.randn(numel, generator=gen).to(p_dtype)
     g = (torch.randn(numel, generator=gen) * torch.rand(numel, generator=gen) * 1e-2).to(g_dtype)
-    m = torch.randn(numel, generator=gen) * 1e-3
+    m = (torch.randn(numel, generator=gen) * 1e-3).to(m_dtype)
     v = torch.rand(n_blocks, generator=gen) * 1e-5
     gaps = torch.ones(numel, dtype=torch.bool)
     for c in chunks:
@@ -76,7 +83,7 @@ def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dty
     native.RowsStep([chunks])([(p, g, m, v)], _hyper(t, lr, wd), threads=2)
 
     assert rel_err(v, want_v) <= 1e-6
-    assert rel_err(m[~gaps], want_m[~gaps]) <= 1e-6
+    assert m.dtype == m_dtype and torch.equal(m, want_m)  # bit for bit, rounding included
     if p_dtype == torch.float32:
         assert rel_err(p[~gaps], want_p[~gaps]) <= 1e-6
     else:  # the float64 result rounded to bf16, up to one ulp where fp32 arithmetic lands across a tie
@@ -86,6 +93,24 @@ def test_kernel_matches_float64_formula_for_every_shape_and_dtype(p_dtype, g_dty
         assert ((got.float() - want.float()).abs() <= ulp).all()
         assert (got == want).float().mean() >= 0.99
     assert torch.equal(p[gaps], p_gap) and torch.equal(m[gaps], m_gap)  # outside the chunks: untouched
+
+
+def test_kernel_bf16_momentum_rounds_to_nearest_even_and_the_step_uses_it():
+    """m bf16 with b1 = 0, 1 - b1 = 1: m <- g exactly in fp32, so the stored m is g rounded to bf16. Checked
+    against torch's cast on ties (two go down to even, two up), NaN with every payload bit set (a bare
+    round-to-nearest would carry into the sign), and ±inf; the step (scale 1: v = 0, lr/bc1 = 1, eps = 1)
+    subtracts the stored, rounded m from p."""
+    one = 1.0 + 2.0 ** -8  # halfway between bf16 1.0 and 1.0078125
+    g = torch.tensor([one, -one, 1.0 + 3 * 2.0 ** -8, 3.0 * one, 0.1, float("inf"), -float("inf"), 0.0])
+    g[7:] = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    hyper = StepHyper(beta1=0.0, one_minus_beta1=1.0, beta2=0.0, one_minus_beta2=0.0, bias_correction2=1.0,
+                      lr_over_bias_correction1=1.0, eps=1.0, decay=1.0)
+    p, m = torch.zeros(8), torch.full((8,), 5.0, dtype=torch.bfloat16)
+    native.RowsStep([[Chunk(0, 8, 1, 0, False)]])([(p, g, m, torch.zeros(8))], hyper)
+    want = g.to(torch.bfloat16)
+    assert torch.equal(m[:7], want[:7]) and m[:3].tolist() == [1.0, -1.0, 1.015625]
+    assert torch.isnan(m[7]) and not torch.signbit(m[7].float())
+    assert torch.equal(p[:5], -want[:5].float())  # (the infinite rows have v = 0·inf = NaN)
 
 
 def test_kernel_bf16_rounds_to_nearest_even_and_keeps_nan():
@@ -102,8 +127,10 @@ def test_kernel_bf16_rounds_to_nearest_even_and_keeps_nan():
         p = base.to(torch.bfloat16)
         m = torch.zeros(4)
         g = torch.zeros(4)
-        # with b2 = 1 - b2 = 0 (v stays 0), lr/bc1 = 1 and eps = 1: scale = 1, so p <- p - m with m = b1·0 + (1 - b1)·g = -ulp·frac
-        hyper = (0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0)
+        # with b2 = 1 - b2 = 0 (v stays 0), lr/bc1 = 1 and eps = 1: scale = 1, so p <- p - m with
+        # m = b1·0 + (1 - b1)·g = -ulp·frac
+        hyper = StepHyper(beta1=0.0, one_minus_beta1=1.0, beta2=0.0, one_minus_beta2=0.0, bias_correction2=1.0,
+                          lr_over_bias_correction1=1.0, eps=1.0, decay=1.0)
         g.copy_(-ulp * frac)
         native.RowsStep([[Chunk(0, 4, 1, 0, False)]])([(p, g, m, torch.zeros(4))], hyper)
         assert torch.equal(p, (base + ulp * frac).to(torch.bfloat16)), frac
@@ -134,8 +161,8 @@ def test_optimizer_native_matches_float64_reference(bias):
     """10 steps on the debug model (biases: one-element blocks), lr changing, one parameter without grad twice."""
     config, model = debug_model(bias=bias)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, native=True, **HP)
-    assert opt.native and all(opt._whole)
+    opt = AdamMini(units_from_module(model), layouts, implementation="native", **HP)
+    assert opt.implementation == "native"
     ref = Reference(dict(model.named_parameters()), layouts, **HP)
     for step in range(10):
         none = ("transformer.h.1.mlp.fc_2.weight",) if step in (3, 4) else ()
@@ -157,8 +184,8 @@ def test_optimizer_native_resume_equals_uninterrupted_run():
     config, model_a = debug_model()
     model_b = copy.deepcopy(model_a)
     layouts = model_layout(config, [(n, p.shape) for n, p in model_a.named_parameters()])
-    opt_a = AdamMini(units_from_module(model_a), layouts, native=True, **HP)
-    opt_b = AdamMini(units_from_module(model_b), layouts, native=True, **HP)
+    opt_a = AdamMini(units_from_module(model_a), layouts, implementation="native", **HP)
+    opt_b = AdamMini(units_from_module(model_b), layouts, implementation="native", **HP)
     for step in range(3):
         for model, opt in ((model_a, opt_a), (model_b, opt_b)):
             set_grads(model, random_grads(model, step))
@@ -166,7 +193,7 @@ def test_optimizer_native_resume_equals_uninterrupted_run():
     buf = io.BytesIO()
     torch.save(opt_b.state_dict(), buf)
     model_c = copy.deepcopy(model_b)
-    opt_c = AdamMini(units_from_module(model_c), layouts, native=True, **HP)
+    opt_c = AdamMini(units_from_module(model_c), layouts, implementation="native", **HP)
     buf.seek(0)
     opt_c.load_state_dict(torch.load(buf, weights_only=True))
     for step in range(3, 6):
@@ -178,17 +205,54 @@ def test_optimizer_native_resume_equals_uninterrupted_run():
         assert torch.equal(opt_a.state[pa]["exp_avg_sq"], opt_c.state[pc]["exp_avg_sq"]), n
 
 
-def test_default_uses_native_on_cpu_and_native_false_does_not():
+def test_auto_is_native_on_cpu_and_no_environment_variable_changes_it(monkeypatch):
+    monkeypatch.setenv("ADAM_MINI_FAST", "0")  # the switch this option replaced: it must have no effect
     config, model = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
     default = AdamMini(units_from_module(model), layouts, **HP)
-    assert default.native and default.implementation == "native"
-    off = AdamMini(units_from_module(model), layouts, native=False, **HP)
-    assert not off.native and off.implementation == "eager"  # compiled kernels only above FAST_MIN_NUMEL
-    eager = AdamMini(units_from_module(model), layouts, fast=False, **HP)
-    assert not eager.native and eager.implementation == "eager"
-    with pytest.raises(ValueError, match="native=True needs fast"):
-        AdamMini(units_from_module(model), layouts, fast=False, native=True, **HP)
+    assert default.implementation == "native" and default.paths == ["native"] * len(layouts)
+    assert AdamMini(units_from_module(model), layouts, implementation="eager", **HP).implementation == "eager"
+
+
+def test_native_runs_units_it_cannot_take_eagerly_and_refuses_when_it_takes_none():
+    """A unit holding qkv as two pieces, the cut inside Q head 0: not whole blocks, so not for the kernel."""
+    config, model = debug_model()
+    params = dict(model.named_parameters())
+    layouts = model_layout(config, [(n, p.shape) for n, p in params.items()])
+    name = "transformer.h.0.attn.qkv.weight"
+
+    def units():
+        out = []
+        for u in units_from_module(model):
+            if u.names == (name,):
+                u = Unit(param=u.param, names=(name,), segments=(Segment(name, 0, 1000, 0),
+                                                                 Segment(name, 1000, 8192, 1000)), label="pieces")
+            out.append(u)
+        return out
+
+    start = {n: p.detach().clone() for n, p in params.items()}
+    runs = {}
+    for impl in ("native", "eager"):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(start[n])
+        opt = AdamMini(units(), layouts, implementation=impl, **HP)
+        ref = Reference(params, layouts, **HP)
+        for step in range(3):
+            grads = random_grads(model, step)
+            set_grads(model, grads)
+            opt.step()
+            ref.step(grads)
+        for n, p in params.items():
+            assert rel_err(p, ref.p[n]) <= 1e-6, (impl, n)
+        runs[impl] = (opt, {n: opt.state[p]["exp_avg"].clone() for n, p in params.items()})
+    opt, m_native = runs["native"]
+    assert opt.implementation == "native+eager"
+    assert [n for n, path in zip(params, opt.paths) if path == "eager"] == [name]
+    assert all(torch.equal(m_native[n], runs["eager"][1][n]) for n in params)  # the same m, bit for bit
+    pieces = [u for u in units() if u.names == (name,)]
+    with pytest.raises(ValueError, match="implementation='native': no unit can use the native kernel"):
+        AdamMini(pieces, layouts, implementation="native", **HP)
 
 
 @pytest.fixture
@@ -200,18 +264,18 @@ def fresh_native(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_without_compiler_falls_back_with_one_warning_and_native_true_refuses(fresh_native, monkeypatch):
+def test_without_compiler_auto_falls_back_with_one_warning_and_native_refuses(fresh_native, monkeypatch):
     monkeypatch.setenv("ADAM_MINI_CXX", str(fresh_native / "no-such-compiler"))
     config, model = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
     with pytest.warns(UserWarning, match="native CPU kernel unavailable: no C\\+\\+ compiler"):
         opt = AdamMini(units_from_module(model), layouts, **HP)
-    assert not opt.native
+    assert opt.implementation == "eager"
     set_grads(model, random_grads(model, 0))
     opt.step()  # the eager path still steps
     assert all(float(s["step"]) == 1 for s in opt.state.values())
-    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-        AdamMini(units_from_module(model), layouts, native=True, **HP)
+    with pytest.raises(RuntimeError, match="implementation='native': no C\\+\\+ compiler"):
+        AdamMini(units_from_module(model), layouts, implementation="native", **HP)
 
 
 def test_build_is_cached_on_disk_and_reused(fresh_native, monkeypatch):

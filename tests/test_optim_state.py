@@ -10,7 +10,7 @@ import torch
 
 import models
 from optim.adam_mini import AdamMini
-from optim.layout import model_layout
+from optim.layout import Partition, model_layout
 from optim.state import (OptimizerState, full_state_dict, load_optimizer, load_sharded_state_dict, save_optimizer,
                          sharded_state_dict)
 from optim.units import units_from_module
@@ -18,13 +18,13 @@ from optim.units import units_from_module
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def _setup(seed=0, **hp):
+def _setup(seed=0, partition=Partition(), **hp):
     torch.manual_seed(seed)
     config = models.get_config("debug")
     model = models.build_model(config, device="cpu")
     models.init_model(model, config.n_layer, config.n_embd)
-    layouts = model_layout(config, [(n, tuple(p.shape)) for n, p in model.named_parameters()])
-    opt = AdamMini(units_from_module(model), layouts, fast=False, **{**HP, **hp})
+    layouts = model_layout(config, [(n, tuple(p.shape)) for n, p in model.named_parameters()], partition)
+    opt = AdamMini(units_from_module(model), layouts, implementation="eager", **{**HP, **hp})
     return model, opt, layouts
 
 
@@ -64,21 +64,43 @@ def test_derived_sizes_need_no_layouts():
     _assert_same(full_state_dict(opt), full_state_dict(opt, layouts))
 
 
-def test_dcp_round_trip_continues_bit_exactly(tmp_path):
-    model_a, opt_a, _ = _setup()
+@pytest.mark.parametrize("momentum_dtype, partition", [(torch.float32, Partition()), (torch.bfloat16, Partition()),
+                                                       (torch.bfloat16, Partition("elements", "whole"))], ids=str)
+def test_dcp_round_trip_continues_bit_exactly(tmp_path, momentum_dtype, partition):
+    model_a, opt_a, _ = _setup(partition=partition, momentum_dtype=momentum_dtype)
     _steps(model_a, opt_a, 3)
     save_optimizer(opt_a, tmp_path / "opt")
-    model_b, opt_b, _ = _setup(lr=0.5, weight_decay=0.0)  # wrong hparams on purpose
+    # wrong hparams on purpose
+    model_b, opt_b, _ = _setup(partition=partition, lr=0.5, weight_decay=0.0, momentum_dtype=momentum_dtype)
     with torch.no_grad():
         for pa, pb in zip(model_a.parameters(), model_b.parameters()):
             pb.copy_(pa)
     load_optimizer(opt_b, tmp_path / "opt")
     assert opt_b.param_groups[0]["lr"] == 1e-2 and opt_b.param_groups[0]["weight_decay"] == 0.1
-    _assert_same(full_state_dict(opt_a), full_state_dict(opt_b))
+    full = full_state_dict(opt_b)
+    assert all(t.dtype == momentum_dtype for t in full["exp_avg"].values())
+    _assert_same(full_state_dict(opt_a), full)
     _steps(model_a, opt_a, 2, first=3)
     _steps(model_b, opt_b, 2, first=3)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_dcp_load_casts_the_first_moment_to_the_configured_dtype(tmp_path):
+    """fp32 m saved, bf16 m configured: rounded to nearest even (torch's cast); and bf16 back to fp32 exactly."""
+    model, opt32, _ = _setup()
+    _steps(model, opt32, 2)
+    save_optimizer(opt32, tmp_path / "fp32")
+    _, opt16, _ = _setup(momentum_dtype=torch.bfloat16)
+    load_optimizer(opt16, tmp_path / "fp32")
+    saved, loaded = full_state_dict(opt32), full_state_dict(opt16)
+    for n, m in saved["exp_avg"].items():
+        assert loaded["exp_avg"][n].dtype == torch.bfloat16 and torch.equal(loaded["exp_avg"][n], m.to(torch.bfloat16))
+    save_optimizer(opt16, tmp_path / "bf16")
+    _, back, _ = _setup()
+    load_optimizer(back, tmp_path / "bf16")
+    for n, m in full_state_dict(back)["exp_avg"].items():
+        assert m.dtype == torch.float32 and torch.equal(m, loaded["exp_avg"][n].float())
 
 
 @pytest.mark.filterwarnings("ignore:.*single process:UserWarning")
@@ -128,6 +150,10 @@ def test_errors_name_the_problem():
     bad_m = {**full, "exp_avg": {**full["exp_avg"], name: torch.zeros(5)}}
     with pytest.raises(ValueError, match=f"{name}: exp_avg has 5 elements"):
         load_sharded_state_dict(opt, bad_m)
+    _, whole_v, _ = _setup(partition=Partition(value_blocks="whole"))
+    with pytest.raises(ValueError, match=f"{name}: exp_avg_sq has 38 entries, the layout has 7 blocks "
+                                         r"\(written with another Adam-mini partition\?\)"):
+        load_sharded_state_dict(whole_v, full)
 
 
 def test_before_the_first_step_state_is_zero_and_loadable(tmp_path):
