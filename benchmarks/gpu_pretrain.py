@@ -1,12 +1,13 @@
 """GPU pretraining throughput: AdamW vs Adam-mini on one GPU, the app's own training step.
 
-    python benchmarks/gpu_pretrain.py [--model tinyllama-1.1b] [--steps 30] [--warmup 5]
+    python -m benchmarks.gpu_pretrain [--model tinyllama-1.1b] [--steps 30] [--warmup 5]
                                       [--micro-batch 8] [--seq-len 2048] [--accumulate 1]
-                                      [--strategy fsdp|single] [--activation-checkpointing]
+                                      [--strategy fsdp|fsdp2|single] [--compile] [--activation-checkpointing]
 
 Each optimizer runs in its own process (clean peak-memory counters, no leftover allocations). A step
-is what `python -m pretrain` does: micro-batches of random tokens through `pretrain.loop.accumulate_gradients`
-(bf16-mixed), gradient clipping, the optimizer step. The first `--warmup` steps are not timed;
+is the app's own `pretrain.step.train_step` (bf16-mixed): micro-batches of random tokens, gradient
+clipping, the optimizer step, on the model `pretrain.strategy` builds (FSDP1, FSDP2 or one device, each
+Block compiled with --compile). The first `--warmup` steps are not timed (they include compiling);
 the timed steps end with a CUDA synchronisation. MFU = models.flops_per_token x tokens/s / the GPU's
 peak dense bf16 FLOP/s (pretrain.metrics table, or --peak-flops). Prints a table, then one JSON line.
 """
@@ -17,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -27,8 +29,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--strategy", choices=("fsdp", "single"), default="fsdp",
-                   help="fsdp = the app's GPU path (FSDPStrategy, world size 1); single = plain module")
+    p.add_argument("--strategy", choices=("fsdp", "fsdp2", "single"), default="fsdp",
+                   help="fsdp = the app's GPU path (FSDPStrategy, world size 1); fsdp2 = fully_shard per Block; "
+                        "single = plain module")
+    p.add_argument("--compile", action="store_true", help="torch.compile each Block (system.compile)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--peak-flops", type=float, default=None, help="override the GPU's peak FLOP/s")
     p.add_argument("--optimizers", default="adamw,adam_mini")
@@ -43,7 +47,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from optim.build import build_optimizer, optimizer_state_bytes
     from pretrain import metrics, strategy
     from pretrain.config import PretrainConfig
-    from pretrain.loop import accumulate_gradients
+    from pretrain.step import train_step
 
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = PretrainConfig()
@@ -53,12 +57,12 @@ def run_one(args: argparse.Namespace) -> dict:
     cfg.system.accelerator, cfg.system.strategy, cfg.system.devices = "cuda", args.strategy, 1
     cfg.system.precision = "bf16-mixed"
     cfg.system.activation_checkpointing = args.activation_checkpointing
+    cfg.system.compile = args.compile
     plan = strategy.plan(cfg)
     model_config = models.get_config(args.model)
-    fabric = strategy.build_fabric(cfg, plan, model_config, tb_purge_step=None)
+    fabric = strategy.build_fabric(cfg, plan, model_config)
     fabric.launch()
-    fabric.seed_everything(0)
-    model = strategy.setup_model(fabric, plan, model_config)
+    model = strategy.setup_model(fabric, plan, model_config, seed=0)
     opt = build_optimizer(strategy.optimizer_target(model), model_config, args.one, lr=4e-4, betas=(0.9, 0.95),
                           eps=1e-8, weight_decay=0.1)
     opt = fabric.setup_optimizers(opt)
@@ -69,11 +73,7 @@ def run_one(args: argparse.Namespace) -> dict:
                              device=fabric.device, generator=gen)
 
     def step():
-        loss = accumulate_gradients(fabric, model, [batch() for _ in range(args.accumulate)])
-        fabric.clip_gradients(model, opt, max_norm=1.0, error_if_nonfinite=False)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        return train_step(fabric, model, opt, [batch() for _ in range(args.accumulate)], grad_clip=1.0).loss
 
     for _ in range(args.warmup):
         step()
@@ -88,10 +88,11 @@ def run_one(args: argparse.Namespace) -> dict:
     tps = tokens / seconds
     peak = metrics.peak_flops(fabric.device, args.peak_flops)
     mfu = metrics.mfu(models.flops_per_token(model_config, args.seq_len), tps, peak, 1)
-    return {"optimizer": args.one, "model": args.model, "strategy": args.strategy, "gpu": torch.cuda.get_device_name(),
+    return {"optimizer": args.one, "model": args.model, "strategy": args.strategy, "compile": args.compile,
+            "gpu": torch.cuda.get_device_name(),
             "tokens_per_s": tps, "s_per_step": seconds / args.steps, "mfu": mfu,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "optimizer_state_gib": optimizer_state_bytes(opt.optimizer) / 2**30, "final_loss": float(loss),
+            "optimizer_state_gib": optimizer_state_bytes(opt.optimizer) / 2**30, "final_loss": loss,
             "micro_batch": args.micro_batch, "seq_len": args.seq_len, "accumulate": args.accumulate,
             "steps": args.steps, "activation_checkpointing": args.activation_checkpointing}
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("benchmarks/gpu_pretrain.py needs a CUDA GPU; torch sees none (torch "
+        print("benchmarks.gpu_pretrain needs a CUDA GPU; torch sees none (torch "
               f"{torch.__version__}, CUDA build: {torch.version.cuda}). Nothing was measured.", file=sys.stderr)
         return 2
     if args.one:
@@ -109,8 +110,9 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for name in args.optimizers.split(","):
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--one", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "benchmarks.gpu_pretrain", *(argv if argv is not None else sys.argv[1:]),
+               "--one", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
     ok = [r for r in rows if "error" not in r]
     if ok:
         r0 = ok[0]
-        print(f"{r0['model']} on {r0['gpu']}, {r0['strategy']}, bf16-mixed, micro-batch {r0['micro_batch']} x "
+        print(f"{r0['model']} on {r0['gpu']}, {r0['strategy']}{' compiled' if r0['compile'] else ''}, bf16-mixed, "
+              f"micro-batch {r0['micro_batch']} x "
               f"{r0['seq_len']}, {r0['accumulate']} micro-batch(es)/step, {r0['steps']} timed steps")
         print(f"{'optimizer':<10} {'tokens/s':>10} {'s/step':>8} {'MFU':>7} {'peak mem GiB':>13} {'opt state GiB':>14}")
         for r in ok:
