@@ -67,6 +67,9 @@ class AdamMini(torch.optim.Optimizer):
     `layouts` stays on the optimizer (`optim.state` reads parameter sizes and blocks from it).
     """
 
+    ELEMENT_STATES = ("exp_avg",)     # optim.state: per-element state, saved by parameter name
+    BLOCK_STATES = ("exp_avg_sq",)    # and per-block state
+
     def __init__(self, units: Sequence[Unit], layouts: Mapping[str, ParamLayout], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
                  implementation: Implementation = "auto", momentum_dtype: torch.dtype | str = torch.float32):
@@ -114,6 +117,14 @@ class AdamMini(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros(local.numel(), dtype=self.momentum_dtype, device=local.device)
             state["exp_avg_sq"] = torch.zeros(plan.n_blocks, dtype=torch.float32, device=local.device)
         return state
+
+    @property
+    def weight_decay(self) -> float:
+        return self.param_groups[0]["weight_decay"]
+
+    def set_weight_decay(self, value: float) -> None:
+        for group in self.param_groups:
+            group["weight_decay"] = value
 
     def init_state(self) -> None:
         """Create all states now (they are otherwise created at the first step); free on the meta device."""

@@ -1,4 +1,9 @@
-"""The AdamW baseline when parameters are flattened: decoupled weight decay per original parameter.
+"""The AdamW baseline: torch's AdamW over the optimizer units, with weight decay per original parameter.
+
+`AdamW` (one device, DDP, FSDP2 DTensors): torch's kernels (fused where the device has them) with a decay
+and a no-decay group. `SegmentDecayAdamW` (FSDP1 flat shards): see below. Both keep their `units` and
+`layouts`, so `optim.state` saves their state by original parameter name like Adam-mini's (one
+checkpoint format for every strategy), and create their state on demand (`init_state`) as torch does.
 
 torch's AdamW decides weight decay per param group, i.e. per registered tensor. Under FSDP1 with
 use_orig_params=False the registered tensors are FlatParameter shards that mix matrices (decayed) with
@@ -17,7 +22,51 @@ from optim.layout import ParamLayout
 from optim.units import Unit, local_1d
 
 
-class SegmentDecayAdamW(torch.optim.AdamW):
+class _NamedStateMixin:
+    """What `optim.state` needs of an AdamW: units, layouts, state kinds, the zero state, the decay rate."""
+
+    ELEMENT_STATES = ("exp_avg", "exp_avg_sq")
+    BLOCK_STATES = ()
+
+    def init_state(self) -> None:
+        """Create the state torch's AdamW creates at its first step (zeros, step 0), where it is missing."""
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if state:
+                    continue
+                on_device = group["fused"] or group["capturable"]
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                                            device=p.device if on_device else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class AdamW(_NamedStateMixin, torch.optim.AdamW):
+    """torch.optim.AdamW over whole parameters (one unit each), decaying those whose layout says so."""
+
+    def __init__(self, units: Sequence[Unit], layouts: Mapping[str, ParamLayout], lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, **kwargs):
+        self.units, self.layouts = list(units), dict(layouts)
+        decay = [u.param for u in self.units if self.layouts[u.names[0]].weight_decay]
+        rest = [u.param for u in self.units if not self.layouts[u.names[0]].weight_decay]
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}) if g["params"]]
+        super().__init__(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+
+    @property
+    def weight_decay(self) -> float:
+        return max(group["weight_decay"] for group in self.param_groups)
+
+    def set_weight_decay(self, value: float) -> None:
+        for group in self.param_groups:
+            if group["weight_decay"]:
+                group["weight_decay"] = value
+
+
+class SegmentDecayAdamW(_NamedStateMixin, torch.optim.AdamW):
     """torch.optim.AdamW over `units`, decaying only the segments whose parameter has weight_decay.
 
     The decay rate lives in each param group as `"segment_weight_decay"` (saved in `state_dict()`);
@@ -26,7 +75,8 @@ class SegmentDecayAdamW(torch.optim.AdamW):
 
     def __init__(self, units: Sequence[Unit], layouts: Mapping[str, ParamLayout], lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float, **kwargs):
-        params = [u.param for u in units]
+        self.units, self.layouts = list(units), dict(layouts)
+        params = [u.param for u in self.units]
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, **kwargs)
         for group in self.param_groups:
             group["segment_weight_decay"] = weight_decay
@@ -42,6 +92,14 @@ class SegmentDecayAdamW(torch.optim.AdamW):
                 else:
                     runs.append((seg.offset, seg.numel))
             self._decay_runs[id(u.param)] = runs
+
+    @property
+    def weight_decay(self) -> float:
+        return self.param_groups[0]["segment_weight_decay"]
+
+    def set_weight_decay(self, value: float) -> None:
+        for group in self.param_groups:
+            group["segment_weight_decay"] = value
 
     @torch.no_grad()
     def step(self, closure=None):

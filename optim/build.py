@@ -67,21 +67,19 @@ def build_optimizer(model: nn.Module, config: Config, name: str, lr: float, beta
         _check_adamw_options(implementation=(implementation, "auto"),
                              momentum_dtype=(momentum_dtype_of(momentum_dtype), torch.float32),
                              embedding_blocks=(embedding_blocks, "tokens"), value_blocks=(value_blocks, "rows"))
+        units, shapes = model_units(model)
+        layouts = model_layout(config, shapes)
         if _is_fsdp1(model):
             # FlatParameters mix decayed matrices with norms: decay per original parameter instead.
             from optim.adamw import SegmentDecayAdamW
 
-            units, shapes = model_units(model)
-            return SegmentDecayAdamW(units, model_layout(config, shapes), lr=lr, betas=betas, eps=eps,
-                                     weight_decay=weight_decay, foreach=True)
-        params = [p for _, p in named_parameters(model)]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        fused = _fused_supported(params)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 fused=fused or None, foreach=None if fused else True)
+            return SegmentDecayAdamW(units, layouts, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                     foreach=True)
+        from optim.adamw import AdamW
+
+        fused = _fused_supported(u.param for u in units)
+        return AdamW(units, layouts, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None,
+                     foreach=None if fused else True)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 

@@ -156,15 +156,21 @@ def model_layout(config: Config, named_shapes: Iterable[tuple[str, Iterable[int]
 
 
 def format_layout(layouts: Mapping[str, ParamLayout] | Iterable[ParamLayout],
-                  partition: Partition | None = None) -> str:
+                  partition: Partition | None = None, per_layer: bool = True) -> str:
     """A printable table: parameter, shape, kind, blocks (runs), v entries; with a total line, and a title line
-    naming `partition` when given."""
+    naming `partition` when given. `per_layer=False` shows each parameter of the transformer blocks once, as
+    `transformer.h.*.name` with its v entries summed over the layers (the start-up table)."""
     items = list(layouts.values()) if isinstance(layouts, Mapping) else list(layouts)
     rows = [("parameter", "shape", "kind", "blocks", "v entries", "decay")]
+    merged: dict[tuple, list] = {}
     for lay in items:
-        blocks = " + ".join(f"{n}x{b}" for n, b in lay.runs)
-        rows.append((lay.name, "x".join(map(str, lay.shape)), lay.kind, blocks, f"{lay.n_blocks:,}",
-                     "yes" if lay.weight_decay else "no"))
+        name = lay.name if per_layer else _BLOCK_RE.sub(r"transformer.h.*.\2", lay.name)
+        key = (name, lay.shape, lay.kind, lay.runs, lay.weight_decay)
+        merged.setdefault(key, []).append(lay)
+    for (name, shape, kind, runs, decay), lays in merged.items():
+        blocks = " + ".join(f"{n}x{b}" for n, b in runs) + (f" (x{len(lays)} layers)" if len(lays) > 1 else "")
+        rows.append((name, "x".join(map(str, shape)), kind, blocks, f"{sum(x.n_blocks for x in lays):,}",
+                     "yes" if decay else "no"))
     n_params = sum(lay.numel for lay in items)
     n_v = sum(lay.n_blocks for lay in items)
     rows.append(("total", f"{n_params:,} params", "", "", f"{n_v:,}", ""))

@@ -1,4 +1,4 @@
-"""Adam-mini optimizer state keyed by ORIGINAL parameter names, for checkpoints that reshard.
+"""Optimizer state (Adam-mini's and AdamW's) keyed by ORIGINAL parameter names, for checkpoints that reshard.
 
 The optimizer's own `state_dict()` is keyed by the tensors it registers (FSDP1 FlatParameters,
 DTensors, plain parameters), so it only loads into the same sharding. This module writes and reads a
@@ -6,7 +6,8 @@ name-keyed form that does not depend on the sharding:
 
     {"exp_avg":    {name: 1-D, numel(name) elements, the parameter's flattened first moment, in the
                     optimizer's momentum dtype (fp32 or bf16; loading casts to the loading optimizer's)},
-     "exp_avg_sq": {name: 1-D fp32, one entry per Adam-mini block of the parameter},
+     "exp_avg_sq": {name: 1-D fp32, one entry per Adam-mini block of the parameter (AdamW: per element,
+                    like exp_avg)},
      "step":       {name: fp32 scalar},
      "hparams":    {"lr", "beta1", "beta2", "eps", "weight_decay": 0-d float64}}
 
@@ -25,6 +26,9 @@ name-keyed form that does not depend on the sharding:
 - `save_optimizer(opt, path)` / `load_optimizer(opt, path)`: the DCP round trip in one call each,
   and `OptimizerState(opt)`, a `Stateful` that DCP's save/load call by themselves.
 
+Which keys are per element and which per block is the optimizer's to say (`ELEMENT_STATES`,
+`BLOCK_STATES`: AdamMini and the AdamW classes of optim/adamw.py); both carry `units` and `layouts`.
+
 Note on Lightning Fabric: `FSDPStrategy.save_checkpoint(state)` (sharded) treats every entry that is
 not a module or an optimizer as metadata that rank 0 `torch.save`s into `meta.pt` (Lightning 2.6.6);
 a `ShardedTensor` there would lose the other ranks' pieces. Save the Adam-mini state with DCP
@@ -39,13 +43,14 @@ FSDP1's irregular flat pieces, so a replacement would be DCP's `__create_write_i
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from amp_common.quiet import quiet_checkpoint_warnings
+from optim.units import local_1d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,14 +101,16 @@ def _hparams(optimizer) -> dict[str, torch.Tensor]:
     A dict holding tensors is traversed the same way by both rules.
     """
     g = optimizer.param_groups[0]
-    values = dict(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"])
+    values = dict(lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1], eps=g["eps"],
+                  weight_decay=optimizer.weight_decay)
     return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in values.items()}
 
 
 def _set_hparams(optimizer, hp: Mapping[str, Any]) -> None:
     v = {k: float(torch.as_tensor(x).item()) for k, x in hp.items()}
     for group in optimizer.param_groups:
-        group.update(lr=v["lr"], betas=(v["beta1"], v["beta2"]), eps=v["eps"], weight_decay=v["weight_decay"])
+        group.update(lr=v["lr"], betas=(v["beta1"], v["beta2"]), eps=v["eps"])
+    optimizer.set_weight_decay(v["weight_decay"])
 
 
 def _distributed() -> bool:
@@ -114,38 +121,51 @@ def _distributed() -> bool:
 # Sharded (DCP) state dict
 # --------------------------------------------------------------------------------------------------
 
+def _kinds(optimizer) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(per-element state keys, per-block state keys) of the optimizer."""
+    return tuple(optimizer.ELEMENT_STATES), tuple(optimizer.BLOCK_STATES)
+
+
+def _pieces(state: dict, key: str, e: dict) -> list[tuple[int, int, torch.Tensor]]:
+    """`[start, end)` pieces of parameter `e` in this rank's per-element state `key`, as views."""
+    flat = local_1d(state[key])
+    return [(s.start, s.end, flat[s.offset:s.offset + (s.end - s.start)]) for s in e["segments"]]
+
+
 def sharded_state_dict(optimizer, layouts: Mapping | None = None) -> dict[str, Any]:
     """Name-keyed state for `torch.distributed.checkpoint.save/load` (see module docstring).
 
-    Collective when some unit is sharded (one `all_gather_object` over the default group): call it
-    on every rank. The returned tensors alias the optimizer state where they can (exp_avg pieces, and
-    exp_avg_sq slices), so the dict is both what to save and where DCP loads to.
+    Collective when some unit is sharded (one `all_gather_object` over the default group per per-element
+    key): call it on every rank. The returned tensors alias the optimizer state where they can (per-element
+    pieces, and per-block slices), so the dict is both what to save and where DCP loads to.
     """
     entries = _entries(optimizer, layouts)
-    exp_avg: dict[str, Any] = {}
-    exp_avg_sq: dict[str, torch.Tensor] = {}
-    step: dict[str, torch.Tensor] = {}
-    pieces: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+    element_keys, block_keys = _kinds(optimizer)
+    out: dict[str, Any] = {key: {} for key in (*element_keys, *block_keys, "step")}
+    pieces: dict[str, dict[str, list]] = {key: {} for key in element_keys}
     for e in entries:
         state = _state(optimizer, e["unit"])
-        m = state["exp_avg"]
         lo, hi = e["blocks"]
-        exp_avg_sq[e["name"]] = state["exp_avg_sq"][lo:hi]
-        step[e["name"]] = state["step"].detach().clone().reshape(())
-        views = [(s.start, s.end, m[s.offset:s.offset + (s.end - s.start)]) for s in e["segments"]]
-        if e["sharded"]:
-            pieces[e["name"]] = views
-        else:
-            if len(views) != 1 or views[0][:2] != (0, e["numel"]):
+        for key in block_keys:
+            out[key][e["name"]] = state[key][lo:hi]
+        out["step"][e["name"]] = state["step"].detach().clone().reshape(())
+        for key in element_keys:
+            views = _pieces(state, key, e)
+            if e["sharded"]:
+                pieces[key][e["name"]] = views
+            elif len(views) != 1 or views[0][:2] != (0, e["numel"]):
                 raise RuntimeError(f"{e['name']}: an unsharded unit must hold the whole parameter")
-            exp_avg[e["name"]] = views[0][2]
-    if pieces:
-        if not _distributed():
-            raise RuntimeError("sharded Adam-mini units but torch.distributed is not initialised")
-        numel = {e["name"]: e["numel"] for e in entries}
-        dtype = {e["name"]: _state(optimizer, e["unit"])["exp_avg"].dtype for e in entries}
-        exp_avg.update(_sharded_tensors(pieces, numel, dtype))
-    return {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": step, "hparams": _hparams(optimizer)}
+            else:
+                out[key][e["name"]] = views[0][2]
+    for key in element_keys:
+        if pieces[key]:
+            if not _distributed():
+                raise RuntimeError("sharded optimizer units but torch.distributed is not initialised")
+            numel = {e["name"]: e["numel"] for e in entries}
+            dtype = {e["name"]: _state(optimizer, e["unit"])[key].dtype for e in entries}
+            out[key].update(_sharded_tensors(pieces[key], numel, dtype))
+    out["hparams"] = _hparams(optimizer)
+    return out
 
 
 def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], numel: dict[str, int],
@@ -189,33 +209,34 @@ def load_sharded_state_dict(optimizer, state_dict: Mapping[str, Any], layouts: M
                             load_hparams: bool = True) -> None:
     """Put a name-keyed state (from `dcp.load` into `sharded_state_dict(opt)`, or full tensors) into `opt`.
 
-    `exp_avg[name]` may be a ShardedTensor (its local shards must cover this rank's pieces) or a full
-    1-D / parameter-shaped tensor. Every name of the optimizer must be present; names of a unit must
-    agree on `step`. Not collective.
+    A per-element entry (`exp_avg[name]`) may be a ShardedTensor (its local shards must cover this rank's
+    pieces) or a full 1-D / parameter-shaped tensor. Every name of the optimizer must be present; names of
+    a unit must agree on `step`. `load_hparams`: also set lr, betas, eps and weight decay from the state.
+    Not collective.
     """
     entries = _entries(optimizer, layouts)
-    missing = [e["name"] for e in entries if e["name"] not in state_dict["exp_avg"]]
+    element_keys, block_keys = _kinds(optimizer)
+    missing = [e["name"] for e in entries if e["name"] not in state_dict[element_keys[0]]]
     if missing:
         raise KeyError(f"optimizer state for {len(missing)} parameters is missing, e.g. {missing[:3]}")
     unit_steps: dict[int, float] = {}
     with torch.no_grad():
         for e in entries:
             name, state = e["name"], _state(optimizer, e["unit"])
-            m = state["exp_avg"]
-            src = state_dict["exp_avg"][name]
-            for s in e["segments"]:
-                dst = m[s.offset:s.offset + (s.end - s.start)]
-                piece = _piece(src, s.start, s.end, name, e["numel"])
-                if piece.data_ptr() != dst.data_ptr():
-                    dst.copy_(piece)
+            for key in element_keys:
+                for a, b, dst in _pieces(state, key, e):
+                    piece = _piece(state_dict[key][name], a, b, name, e["numel"])
+                    if piece.data_ptr() != dst.data_ptr():
+                        dst.copy_(piece)
             lo, hi = e["blocks"]
-            v = torch.as_tensor(state_dict["exp_avg_sq"][name])
-            if v.numel() != hi - lo:
-                raise ValueError(f"{name}: exp_avg_sq has {v.numel()} entries, the layout has {hi - lo} blocks "
-                                 f"(written with another Adam-mini partition?)")
-            dst = state["exp_avg_sq"][lo:hi]
-            if v.data_ptr() != dst.data_ptr():
-                dst.copy_(v.reshape(-1))
+            for key in block_keys:
+                v = torch.as_tensor(state_dict[key][name])
+                if v.numel() != hi - lo:
+                    raise ValueError(f"{name}: {key} has {v.numel()} entries, the layout has {hi - lo} blocks "
+                                     f"(written with another Adam-mini partition?)")
+                dst = state[key][lo:hi]
+                if v.data_ptr() != dst.data_ptr():
+                    dst.copy_(v.reshape(-1))
             t = float(torch.as_tensor(state_dict["step"][name]).item())
             if unit_steps.setdefault(e["unit"], t) != t:
                 raise ValueError(f"unit {optimizer.units[e['unit']].label!r}: parameters saved with different steps "
@@ -246,58 +267,68 @@ def _piece(src, start: int, end: int, name: str, numel: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def full_state_dict(optimizer, layouts: Mapping | None = None, rank0_only: bool = True) -> dict[str, Any]:
-    """The whole state by name as full tensors (exp_avg parameter-sized 1-D), on CPU.
+    """The whole state by name as full tensors (per-element states parameter-sized 1-D), on CPU.
 
     Collective when some unit is sharded: call on every rank. With `rank0_only` the other ranks get
     an empty dict (and hold only one unit's pieces at a time while gathering).
     """
     entries = _entries(optimizer, layouts)
+    element_keys, block_keys = _kinds(optimizer)
     rank = dist.get_rank() if _distributed() else 0
     keep = rank == 0 or not rank0_only
-    out: dict[str, Any] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}, "hparams": _hparams(optimizer)}
+    out: dict[str, Any] = {key: {} for key in (*element_keys, *block_keys, "step")}
+    out["hparams"] = _hparams(optimizer)
     by_unit: dict[int, list[dict]] = {}
     for e in entries:
         by_unit.setdefault(e["unit"], []).append(e)
     for i, unit_entries in by_unit.items():
         state = _state(optimizer, i)
-        unit = optimizer.units[i]
-        m = state["exp_avg"]
-        local = {e["name"]: [(s.start, s.end, m[s.offset:s.offset + (s.end - s.start)].detach().cpu().clone())
-                             for s in e["segments"]] for e in unit_entries}
-        if unit.group is not None:
-            size = dist.get_world_size(unit.group)
-            if rank0_only:
-                dst = dist.get_global_rank(unit.group, 0)
-                gathered = [None] * size if rank == dst else None
-                dist.gather_object(local, gathered, dst=dst, group=unit.group)
-                if keep and rank != dst:
-                    raise RuntimeError("full_state_dict(rank0_only=True): global rank 0 must be rank 0 of every group")
-            else:
-                gathered = [None] * size
-                dist.all_gather_object(gathered, local, group=unit.group)
-        else:
-            gathered = [local]
+        local = {(key, e["name"]): [(a, b, t.detach().cpu().clone()) for a, b, t in _pieces(state, key, e)]
+                 for key in element_keys for e in unit_entries}
+        gathered = _gather_unit(optimizer.units[i], local, rank0_only, keep)
         if not keep:
             continue
         for e in unit_entries:
             name = e["name"]
-            full = torch.full((e["numel"],), float("nan"), dtype=m.dtype)
-            covered = 0
-            seen = set()
-            for part in gathered:
-                for a, b, t in part.get(name, []):
-                    if (a, b) in seen:
-                        continue
-                    seen.add((a, b))
-                    full[a:b] = t
-                    covered += b - a
-            if covered != e["numel"]:
-                raise RuntimeError(f"{name}: gathered pieces cover {covered} of {e['numel']} elements")
+            for key in element_keys:
+                out[key][name] = _assemble(gathered, (key, name), e["numel"], local_1d(state[key]).dtype)
             lo, hi = e["blocks"]
-            out["exp_avg"][name] = full
-            out["exp_avg_sq"][name] = state["exp_avg_sq"][lo:hi].detach().cpu().clone()
+            for key in block_keys:
+                out[key][name] = state[key][lo:hi].detach().cpu().clone()
             out["step"][name] = state["step"].detach().cpu().clone().reshape(())
     return out if keep else {}
+
+
+def _gather_unit(unit, local: dict, rank0_only: bool, keep: bool) -> list[dict]:
+    """Every rank's pieces of one unit (on global rank 0 only with `rank0_only`)."""
+    if unit.group is None:
+        return [local]
+    rank, size = dist.get_rank(), dist.get_world_size(unit.group)
+    if not rank0_only:
+        gathered = [None] * size
+        dist.all_gather_object(gathered, local, group=unit.group)
+        return gathered
+    dst = dist.get_global_rank(unit.group, 0)
+    gathered = [None] * size if rank == dst else None
+    dist.gather_object(local, gathered, dst=dst, group=unit.group)
+    if keep and rank != dst:
+        raise RuntimeError("full_state_dict(rank0_only=True): global rank 0 must be rank 0 of every group")
+    return gathered
+
+
+def _assemble(gathered: list[dict], key, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """One full 1-D tensor from the ranks' `[start, end)` pieces of `key` (each covered once)."""
+    full = torch.full((numel,), float("nan"), dtype=dtype)
+    covered, seen = 0, set()
+    for part in gathered:
+        for a, b, t in part.get(key, []):
+            if (a, b) not in seen:
+                seen.add((a, b))
+                full[a:b] = t
+                covered += b - a
+    if covered != numel:
+        raise RuntimeError(f"{key[1]}: gathered pieces of {key[0]} cover {covered} of {numel} elements")
+    return full
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,32 +336,25 @@ def full_state_dict(optimizer, layouts: Mapping | None = None, rank0_only: bool 
 # --------------------------------------------------------------------------------------------------
 
 class OptimizerState:
-    """`Stateful` wrapper: put ``{"optimizer": OptimizerState(opt)}`` in a dict given to `dcp.save/load`."""
+    """`Stateful` wrapper: put ``{"optimizer": OptimizerState(opt)}`` in a dict given to `dcp.save/load`.
 
-    def __init__(self, optimizer, layouts: Mapping | None = None):
-        self.optimizer, self.layouts = optimizer, layouts
+    `load_hparams=False` keeps the optimizer's own lr, betas, eps and weight decay (the trainer's config
+    wins over what the checkpoint was written with)."""
+
+    def __init__(self, optimizer, layouts: Mapping | None = None, load_hparams: bool = True):
+        self.optimizer, self.layouts, self.load_hparams = optimizer, layouts, load_hparams
 
     def state_dict(self) -> dict[str, Any]:
         return sharded_state_dict(self.optimizer, self.layouts)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        load_sharded_state_dict(self.optimizer, state_dict, self.layouts)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence two known, harmless DCP warnings: ShardedTensor's deprecation notice (torch 2.13 still
-    supports it in DCP) and the single-process notice when we ask for no_dist ourselves."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
-        yield
+        load_sharded_state_dict(self.optimizer, state_dict, self.layouts, load_hparams=self.load_hparams)
 
 
 def save_optimizer(optimizer, path, layouts: Mapping | None = None) -> None:
     """Write the name-keyed state with DCP into directory `path` (every rank calls it; collective)."""
     import torch.distributed.checkpoint as dcp
-    with _quiet():
+    with quiet_checkpoint_warnings():
         dcp.save({"optimizer": sharded_state_dict(optimizer, layouts)}, checkpoint_id=str(path),
                  no_dist=not _distributed())
 
@@ -338,7 +362,7 @@ def save_optimizer(optimizer, path, layouts: Mapping | None = None) -> None:
 def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams: bool = True) -> None:
     """Read a checkpoint written by `save_optimizer` (any world size, any sharding) into `optimizer`."""
     import torch.distributed.checkpoint as dcp
-    with _quiet():
+    with quiet_checkpoint_warnings():
         sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
         dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
     load_sharded_state_dict(optimizer, sd["optimizer"], layouts, load_hparams=load_hparams)

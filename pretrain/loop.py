@@ -164,7 +164,6 @@ def _build_optimizer(cfg: PretrainConfig, model, model_config):
     extra = {}
     if o.name == "adam_mini":
         extra = dict(implementation=o.implementation, **dataclasses.asdict(o.adam_mini))
-        extra = {}  # MERGE-TODO: optim-work adds these options
     return build_optimizer(strategy.optimizer_target(model), model_config, o.name, lr=o.lr, betas=tuple(o.betas),
                            eps=o.eps, weight_decay=o.weight_decay, **extra)
 
@@ -173,7 +172,8 @@ def _checkpoint_state(model, optimizer, data, state: TrainState) -> dict:
     """The checkpoint's Stateful entries (see pretrain/checkpoint.py)."""
     from optim.state import OptimizerState
 
-    return {"model": ModelState(strategy.state_dict_module(model)), "optimizer": OptimizerState(optimizer.optimizer),
+    return {"model": ModelState(strategy.state_dict_module(model)),
+            "optimizer": OptimizerState(optimizer.optimizer, load_hparams=False),  # this run's config wins
             "data": DataState(data), "trainer": state}
 
 
@@ -192,8 +192,18 @@ def _load(path: Path, model, optimizer, data, state: TrainState, model_config) -
 
 
 def _print_start(fabric, cfg, p, model_config, steps: Steps, optimizer) -> None:
-    impl = getattr(optimizer.optimizer, "implementation", None)
+    from optim.build import optimizer_state_bytes
+    from optim.layout import Partition, format_layout
+
+    opt = optimizer.optimizer
+    impl = getattr(opt, "implementation", None)
     name = cfg.optimizer.name + (f" [{impl}]" if impl else "")
+    if cfg.optimizer.name == "adam_mini":
+        a = cfg.optimizer.adam_mini
+        fabric.print(format_layout(opt.layouts, Partition(a.embedding_blocks, a.value_blocks), per_layer=False))
+        opt.init_state()
+        fabric.print(f"optimizer state: {optimizer_state_bytes(opt) / 2**20:,.1f} MiB on this rank "
+                     f"(first moment in {a.momentum_dtype})")
     fabric.print(f"model {cfg.model.name}: {models.count_params(model_config):,} parameters, "
                  f"{models.flops_per_token(model_config, cfg.data.seq_len):.3g} training FLOPs/token | "
                  f"{p.describe()} | optimizer {name} | {steps.total} steps x {steps.tokens_per_step:,} tokens "

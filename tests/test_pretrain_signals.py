@@ -37,7 +37,7 @@ def test_nan_loss_stops_without_saving(data_dir, tmp_path, faults):
     assert "non-finite training loss at step 4" in msg and "step-00000003" in msg
     # step 3 was good and saved; nothing after it; no partial folder; step 2 untouched
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002", "step-00000003"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]  # no partial folder
     assert _digest(good) == before
     weights = checkpoint_tensors(out / "step-00000003")
     assert all(torch.isfinite(t).all() for t in weights.values())
