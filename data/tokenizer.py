@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
+
 from data.errors import EXIT_DATA_ERROR, DataError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -64,9 +66,15 @@ class Tokenizer:
         """BOS + tokens + EOS."""
         return [self.bos_id, *self.sp.encode(text), self.eos_id]
 
-    def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
-        ids = self.sp.encode(list(texts))
-        return [[self.bos_id, *x, self.eos_id] for x in ids]
+    def encode_stream(self, texts: Sequence[str], num_threads: int = 1) -> np.ndarray:
+        """BOS + tokens + EOS of every text, concatenated in order, as one int32 array.
+
+        SentencePiece encodes the batch on `num_threads` threads without holding the GIL and returns one
+        int32 buffer per text, so no Python int is ever made for a token."""
+        if not texts:
+            return np.zeros(0, np.int32)
+        ids = self.sp.encode(list(texts), add_bos=True, add_eos=True, num_threads=num_threads, out_type="numpy")
+        return np.concatenate(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

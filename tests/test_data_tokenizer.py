@@ -3,6 +3,7 @@ loading real Llama-layout models (Mistral v0.1 from ../shared when present)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from data.errors import DataError
@@ -31,7 +32,11 @@ def test_document_is_bos_tokens_eos():
     tok = load_tokenizer(SAMPLE_TOKENIZER)
     text = "It is a truth universally acknowledged."
     assert tok.encode_document(text) == [1, *tok.sp.encode(text), 2]
-    assert tok.encode_documents([text, "x"]) == [tok.encode_document(text), tok.encode_document("x")]
+    for threads in (1, 3):
+        stream = tok.encode_stream([text, "x", UNSEEN], num_threads=threads)
+        assert stream.dtype == np.int32
+        assert stream.tolist() == tok.encode_document(text) + tok.encode_document("x") + tok.encode_document(UNSEEN)
+    assert tok.encode_stream([]).tolist() == []
     assert len(tok.sp.encode(text)) < len(text) / 2  # it learned English merges, not just bytes
 
 
