@@ -44,6 +44,7 @@ from typing import Generator, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import EXIT_DATA_ERROR, DataError
 from data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from data.readers import expand_sources, iter_lines, parse_line, source_format
@@ -225,6 +226,9 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
     """Tokenise `sources` into ``out_dir/split/`` and return the final manifest."""
     from tqdm import tqdm
 
+    if shard_tokens < 1 or workers < 1:  # the CLI refuses these up front; 0 would write empty shards forever
+        raise ValueError(f"shard_tokens and workers must be >= 1, got {shard_tokens} and {workers}")
+
     split_dir = Path(out_dir) / split
     split_dir.mkdir(parents=True, exist_ok=True)
     for p in split_dir.glob(".*.tmp"):  # leftovers of an interrupted run; never referenced
@@ -305,7 +309,7 @@ def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, tok: Tokeniz
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m data.prepare",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tokenise C4 (*.json.gz) / SlimPajama (*.jsonl.zst) files into packed token shards.\n"
@@ -318,17 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
                "Full data:\n"
                "    python -m data.prepare --out out/c4 --tokenizer tokenizer.model \\\n"
                "        --train 'c4/c4-train.*.json.gz' --val c4/c4-validation.00000-of-00001.json.gz --workers 8\n"
-               "Bad input is reported as one line 'error: FILE, line N: what' with exit status 2.")
+               "Bad input is reported as one line 'error: FILE, line N: what', an option value that cannot\n"
+               "work as 'error: argument --NAME: what'; both with exit status 2, before anything is written.")
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/ subfolders)")
     p.add_argument("--train", nargs="+", metavar="SRC", help="train sources: files, folders or globs")
     p.add_argument("--val", nargs="+", metavar="SRC", help="validation sources: files, folders or globs")
     p.add_argument("--tokenizer", default=str(SAMPLE_TOKENIZER), help="SentencePiece model (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+    p.add_argument("--workers", type=int_in(1, MAX_THREADS), default=min(os.cpu_count() or 1, 8),
                    help="tokenising threads (default: %(default)s); reading runs in one more thread")
     p.add_argument("--skip-set", action="append", default=[], metavar="NAME",
                    help="SlimPajama: skip documents whose meta.redpajama_set_name is NAME (repeatable)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                   help="start a new shard after about this many tokens (default: %(default)s)")
+    p.add_argument("--shard-tokens", type=int_in(1), default=DEFAULT_SHARD_TOKENS,
+                   help="tokens per shard; each source's last shard holds the rest (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="discard what is in OUT/<split> and redo it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -44,6 +44,18 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def make_folder(path: str | os.PathLike) -> None:
+    """``mkdir -p``; a failure (a file in the way, no permission, ...) is a DataError naming the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise DataError(blocker, "is a file, not a folder") from None
+        raise DataError(path, f"cannot create folder ({e.strerror})") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
     """Write `chunks` (bytes-like objects) to `path` via temporary file + fsync + os.replace."""
     path = Path(path)

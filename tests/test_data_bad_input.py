@@ -13,7 +13,7 @@ import pytest
 
 from data.errors import DataError
 from data.loader import build_loader
-from data.prepare import main
+from data.prepare import main, prepare_split
 from data.shards import HEADER_SIZE
 from data.tokenizer import train_tokenizer
 from test_data_util import REPO, SAMPLE_TOKENIZER, c4_lines, make_texts, slimpajama_lines, write_gz, write_zst
@@ -198,3 +198,55 @@ def test_not_a_tokenizer_file(tmp_path, capsys):
     good = write_gz(tmp_path / "g.json.gz", GOOD[:2])
     rc, err = run_cli(capsys, "--out", tmp_path / "o", "--train", good, "--tokenizer", bad)
     assert rc == 2 and f"error: {bad}: not a valid SentencePiece model" in err
+
+
+# --- command-line options ------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    ("data.prepare", "--shard-tokens", "0", "must be >= 1, got 0"),  # used to write empty shards forever
+    ("data.prepare", "--shard-tokens", "-5", "must be >= 1, got -5"),
+    ("data.prepare", "--shard-tokens", "1e6", "expected an integer >= 1, got '1e6'"),
+    ("data.prepare", "--workers", "0", "must be between 1 and 1024, got 0"),
+    ("data.prepare", "--workers", "5000", "must be between 1 and 1024, got 5000"),
+    ("data.tokenizer", "--vocab-size", "259", "must be between 260 and 2147483647, got 259"),
+    ("data.tokenizer", "--seed", "-1", "must be between 0 and 4294967295, got -1"),
+    ("data.tokenizer", "--input-sentence-size", "-1", "must be >= 0, got -1"),
+    ("data.tokenizer", "--num-threads", "0", "must be between 1 and 1024, got 0"),
+    ("benchmarks.data_throughput", "--workers", "0", "must be between 1 and 1024, got 0"),
+    ("benchmarks.data_throughput", "--repeats", "0", "must be >= 1, got 0"),
+    ("benchmarks.data_throughput", "--seq-len", "-1", "must be >= 1, got -1"),
+    ("benchmarks.data_throughput", "--loader-workers", "0,-2", "must be >= 0, got -2"),
+]
+
+
+@pytest.mark.parametrize("module,option,value,what", BAD_OPTIONS)
+def test_numeric_option_that_cannot_work_is_refused_up_front(tmp_path, module, option, value, what):
+    out = tmp_path / "out"
+    args = [option, value] if module.startswith("benchmarks") else ["--out", str(out), option, value]
+    p = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == f"error: argument {option}: {what} (see python -m {module} --help)\n"
+    assert not out.exists()
+
+
+def test_prepare_split_refuses_shard_tokens_below_one(tmp_path):
+    src = write_gz(tmp_path / "g.json.gz", GOOD[:2])
+    with pytest.raises(ValueError, match="shard_tokens and workers must be >= 1, got 0 and 1"):
+        prepare_split("train", [src], SAMPLE_TOKENIZER, tmp_path / "out", shard_tokens=0, progress=False)
+
+
+def test_vocab_size_that_does_not_suit_the_inputs_is_one_line(tmp_path, capsys):
+    """How many pieces the inputs need or allow is only known once SentencePiece runs."""
+    from data.tokenizer import SAMPLE_VAL
+    from data.tokenizer import main as tokenizer_main
+
+    tiny = write_gz(tmp_path / "tiny.json.gz", [b'{"text": "ab ab ab"}'])
+    empty = write_gz(tmp_path / "empty.json.gz", [b'{"text": "  "}'])
+    for inputs, vocab, what in (([SAMPLE_VAL], 300, "--vocab-size 300: too small: these inputs need at least 369"),
+                                ([tiny], 400, "--vocab-size 400: too large: these inputs allow at most 265"),
+                                ([empty], 400, f"{empty}: no training text (every document is empty)")):
+        out = tmp_path / "new" / "t.model"
+        rc = tokenizer_main(["--input", *map(str, inputs), "--out", str(out), "--vocab-size", str(vocab)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"error: {what}") and err.count("\n") == 1, err
+        assert not (tmp_path / "new").exists()
