@@ -21,11 +21,12 @@ used in order, so the output does not depend on the worker count.
 
 Restartability: every shard and manifest write is atomic (see data/shards.py), and each finished
 source file appends one fsync'd line to ``progress.jsonl`` (an append-only journal: O(1) work per
-source, where rewriting a manifest after each of SlimPajama's ~60k files would be quadratic). A re-run
-skips sources whose entry (path, size, mtime) matches and whose shards validate, and redoes the rest.
-The manifest is written once at the start (tokenizer + options, ``"complete": false``) and once at
-the end. A run with another tokenizer or other options
-into the same folder is refused unless ``--overwrite``.
+source, where rewriting a manifest after each of SlimPajama's ~60k files would be quadratic). Each line
+records what made the shards: the tokenizer's sha256 and the options that shape the bytes (skipped sets,
+shard size, dtype). A re-run keeps a source only if its entry matches all of that and the source's path,
+size and mtime, and its shards validate; it redoes the rest. The manifest is written once at the start
+(tokenizer + options, ``"complete": false``) and once at the end. A run with another tokenizer or other
+options into a folder whose manifest says otherwise is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -171,8 +172,12 @@ def _shard_stem(src: Path) -> str:
     return f"{name}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}"
 
 
-def _source_done(split_dir: Path, prev: dict | None, src: Path, st: os.stat_result) -> bool:
-    if not prev or prev.get("size") != st.st_size or prev.get("mtime_ns") != st.st_mtime_ns:
+def _source_done(split_dir: Path, prev: dict | None, st: os.stat_result, made_with: dict) -> bool:
+    """Whether `prev` (an earlier run's entry for this source) can be kept: same tokenizer and options, same
+    source size and mtime, and every shard it lists is valid and holds the tokens it says."""
+    if not prev or prev.get("made_with") != made_with:
+        return False
+    if prev.get("size") != st.st_size or prev.get("mtime_ns") != st.st_mtime_ns:
         return False
     try:
         for s in prev["shards"]:
@@ -244,7 +249,8 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
                         "this folder was prepared with another tokenizer or other options "
                         f"(tokenizer sha256 {prev['tokenizer']['sha256'][:12]}..., options {prev['options']}); "
                         "pass --overwrite to redo it, or choose another --out")
-    done = {s["path"]: s for s in prev["sources"]} if prev else {}
+    made_with = {"tokenizer_sha256": tok.sha256, "options": options}  # what a reused source must match
+    done = {s["path"]: {**s, "made_with": made_with} for s in prev["sources"]} if prev else {}  # checked above
     done.update(_read_journal(split_dir))
 
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "split": split,
@@ -261,12 +267,12 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
         for src, size in zip(sources, sizes):
             st = src.stat()
             entry = done.get(str(src))
-            if _source_done(split_dir, entry, src, st):
-                entry = {**entry, "reused": True}
+            if _source_done(split_dir, entry, st, made_with):
+                entry = {k: v for k, v in entry.items() if k != "made_with"} | {"reused": True}
                 bar.update(size)
             else:
                 entry = _prepare_source(split_dir, src, st, tok, workers, sets, dtype, shard_tokens, bar)
-                _append_journal(split_dir, entry)  # progress point for a resume
+                _append_journal(split_dir, {**entry, "made_with": made_with})  # progress point for a resume
             manifest["sources"].append(entry)
             manifest["shards"].extend({**s, "source": str(src)} for s in entry["shards"])
             manifest["num_tokens"] += entry["num_tokens"]

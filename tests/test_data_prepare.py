@@ -140,6 +140,45 @@ def test_torn_journal_line_is_ignored_and_repaired(tmp_path, corpus):
     assert np.array_equal(split_tokens(out / "train"), reference_stream(SAMPLE_TOKENIZER, texts))
 
 
+def test_source_made_with_another_tokenizer_is_not_reused_when_the_manifest_is_gone(tmp_path, capsys):
+    """The reported case: val prepared with a 5,000-piece tokenizer, its manifest deleted, then prepared with
+    the 4,096-piece sample tokenizer. The journal entry used to be trusted ('(1 reused)'): a manifest naming
+    the sample tokenizer over shards holding ids up to 4,999, and an IndexError in training's embedding."""
+    from data.readers import iter_texts
+    from data.tokenizer import SAMPLE_VAL, train_tokenizer
+
+    other = train_tokenizer([SAMPLE_VAL], tmp_path / "other.model", vocab_size=5000)
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--val", str(SAMPLE_VAL), "--workers", "1", "--no-progress"]
+    assert main(args + ["--tokenizer", str(other.path)]) == 0
+    assert split_tokens(out / "val").max() >= 4096
+    (out / "val" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "(0 reused)" in capsys.readouterr().out
+    m = json.loads((out / "val" / "manifest.json").read_text())
+    assert m["tokenizer"]["sha256"] == file_sha256(SAMPLE_TOKENIZER)
+    assert np.array_equal(split_tokens(out / "val"), reference_stream(SAMPLE_TOKENIZER, list(iter_texts(SAMPLE_VAL))))
+
+
+@pytest.mark.parametrize("first,second", [(["--shard-tokens", "1000"], ["--shard-tokens", "700"]),
+                                          ([], ["--skip-set", "RedPajamaCommonCrawl"])])
+def test_source_made_with_other_options_is_not_reused_when_the_manifest_is_gone(tmp_path, corpus, first, second):
+    """Any option that changes the bytes (shard size, skipped sets) makes every source be redone."""
+    src, _ = corpus
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--train", str(src), "--workers", "1", "--no-progress"]
+    assert main(args + first) == 0
+    (out / "train" / "manifest.json").unlink()
+    assert main(args + second) == 0
+    clean = tmp_path / "clean"
+    assert main(["--out", str(clean), *args[2:], *second]) == 0
+    m = json.loads((out / "train" / "manifest.json").read_text())
+    assert [bool(s.get("reused")) for s in m["sources"]] == [False, False, False]
+    assert shard_bytes(out / "train") == shard_bytes(clean / "train")
+    assert m["options"] == json.loads((clean / "train" / "manifest.json").read_text())["options"]
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys
     import data.shards as shards
