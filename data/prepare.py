@@ -49,7 +49,7 @@ from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import EXIT_DATA_ERROR, DataError
 from data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from data.readers import expand_sources, iter_lines, parse_line, source_format
-from data.shards import atomic_write_json, dtype_for_vocab, read_header, write_shard
+from data.shards import atomic_write_json, dtype_for_vocab, make_folder, read_header, remove_file, write_shard
 from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN, SAMPLE_VAL, Tokenizer
 
 JOURNAL_NAME = "progress.jsonl"
@@ -184,7 +184,7 @@ def _source_done(split_dir: Path, prev: dict | None, st: os.stat_result, made_wi
             _, count = read_header(split_dir / s["file"])
             if count != s["num_tokens"]:
                 return False
-    except DataError:
+    except (DataError, KeyError, TypeError):  # a bad shard, or a hand-edited entry: redo the source
         return False
     return True
 
@@ -192,7 +192,7 @@ def _source_done(split_dir: Path, prev: dict | None, st: os.stat_result, made_wi
 def _clear_split(split_dir: Path) -> None:
     for p in split_dir.iterdir():
         if p.name in (MANIFEST_NAME, JOURNAL_NAME) or p.suffix in (".bin", ".tmp"):
-            p.unlink()
+            remove_file(p)
 
 
 def _read_journal(split_dir: Path) -> dict[str, dict]:
@@ -203,11 +203,14 @@ def _read_journal(split_dir: Path) -> dict[str, dict]:
     path = split_dir / JOURNAL_NAME
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
+    try:
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            with open(path, "r+b") as f:
+                f.truncate(len(data))
+    except OSError as e:
+        raise DataError(path, f"cannot read or repair the journal ({e.strerror})") from None
     out = {}
     for line in data.splitlines():
         try:
@@ -219,10 +222,15 @@ def _read_journal(split_dir: Path) -> dict[str, dict]:
 
 
 def _append_journal(split_dir: Path, entry: dict) -> None:
-    with open(split_dir / JOURNAL_NAME, "ab") as f:
-        f.write(json.dumps(entry).encode("utf-8") + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line; a line torn by a failure (disk full) is cut off by the next run's _read_journal."""
+    path = split_dir / JOURNAL_NAME
+    try:
+        with open(path, "ab") as f:
+            f.write(json.dumps(entry).encode("utf-8") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise DataError(path, f"cannot write ({e.strerror or e})") from None
 
 
 def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -235,9 +243,9 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
         raise ValueError(f"shard_tokens and workers must be >= 1, got {shard_tokens} and {workers}")
 
     split_dir = Path(out_dir) / split
-    split_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(split_dir)
     for p in split_dir.glob(".*.tmp"):  # leftovers of an interrupted run; never referenced
-        p.unlink()
+        remove_file(p)
     tok = Tokenizer(tokenizer_path)
     dtype = dtype_for_vocab(tok.vocab_size)
     options = {"skip_sets": sorted(set(skip_sets)), "shard_tokens": int(shard_tokens), "dtype": dtype.name}
@@ -285,7 +293,7 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
     keep = {s["file"] for s in manifest["shards"]}
     for p in split_dir.glob("*.bin"):
         if p.name not in keep:
-            p.unlink()
+            remove_file(p)
     manifest["complete"] = True
     atomic_write_json(split_dir / MANIFEST_NAME, manifest)
     return manifest
@@ -295,7 +303,7 @@ def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, tok: Tokeniz
                     sets: frozenset[str], dtype: np.dtype, shard_tokens: int, bar) -> dict:
     stem = _shard_stem(src)
     for p in split_dir.glob(f"{stem}-*.bin"):  # stale shards of an earlier, unfinished attempt
-        p.unlink()
+        remove_file(p)
     entry = {"path": str(src), "format": source_format(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
              "documents": 0, "skipped": {}, "num_tokens": 0, "shards": []}
     cutter = _ShardCutter(split_dir, stem, dtype, shard_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -16,9 +17,21 @@ from data.loader import build_loader
 from data.prepare import main, prepare_split
 from data.shards import HEADER_SIZE
 from data.tokenizer import train_tokenizer
-from test_data_util import REPO, SAMPLE_TOKENIZER, c4_lines, make_texts, slimpajama_lines, write_gz, write_zst
+from test_data_util import (REPO, SAMPLE_TOKENIZER, c4_lines, make_texts, shard_bytes, slimpajama_lines, write_gz,
+                            write_zst)
 
 GOOD = c4_lines(make_texts(30, seed=5, min_words=100, max_words=300))
+
+
+@pytest.fixture()
+def corpus_dir(tmp_path):
+    """Three small sources (two C4, one SlimPajama) in one folder."""
+    d = tmp_path / "src"
+    d.mkdir()
+    write_gz(d / "a.json.gz", c4_lines(make_texts(25, seed=11)))
+    write_gz(d / "b.json.gz", c4_lines(make_texts(20, seed=12)))
+    write_zst(d / "c.jsonl.zst", slimpajama_lines(make_texts(15, seed=13)))
+    return d
 
 
 def run_cli(capsys, *args):
@@ -250,3 +263,122 @@ def test_vocab_size_that_does_not_suit_the_inputs_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"error: {what}") and err.count("\n") == 1, err
         assert not (tmp_path / "new").exists()
+
+
+# --- output folder and disk ------------------------------------------------------------------------
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    src = write_gz(tmp_path / "g.json.gz", GOOD[:2])
+    f = tmp_path / "file"
+    f.write_text("not a folder")
+    for out in (f, f / "below"):
+        rc, err = run_cli(capsys, "--out", out, "--train", src)
+        assert rc == 2 and err == f"error: {f}: is a file, not a folder", err
+    assert f.read_text() == "not a folder"
+
+
+def read_only_folder(path):
+    """`path` made and locked (mode 555); skips the test where this user may write there anyway (root)."""
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        (path / "probe").touch()
+    except PermissionError:
+        return path
+    (path / "probe").unlink()
+    pytest.skip("this user may write to a read-only folder (root)")
+
+
+def test_out_in_an_unwritable_folder(tmp_path, capsys):
+    src = write_gz(tmp_path / "g.json.gz", GOOD[:2])
+    locked = read_only_folder(tmp_path / "locked")
+    try:
+        rc, err = run_cli(capsys, "--out", locked / "out", "--train", src)
+        assert rc == 2 and err == f"error: {locked / 'out'}: cannot create folder (Permission denied)", err
+        split = read_only_folder(tmp_path / "out2")
+        split.chmod(0o755)
+        split = read_only_folder(split / "train")
+        rc, err = run_cli(capsys, "--out", split.parent, "--train", src)
+        assert rc == 2 and err == f"error: {split / 'manifest.json'}: cannot write (Permission denied)", err
+        assert not list(split.iterdir())
+    finally:
+        for d in tmp_path.rglob("*"):
+            if d.is_dir():
+                d.chmod(0o755)
+        locked.chmod(0o755)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing_a_rerun_would_trust(tmp_path, corpus_dir, monkeypatch, capsys):
+    """ENOSPC at every kind of write (the first manifest, shards, journal lines, the final manifest): one
+    line naming the file, exit 2, no temporary file, no complete manifest; a re-run with space again
+    writes exactly what a clean run writes."""
+    import errno
+
+    real_fsync = os.fsync
+    calls = []
+
+    def fsync(fd, fail_at=None):
+        calls.append(fd)
+        if fail_at is not None and len(calls) >= fail_at:  # the disk stays full from then on
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    args = ["--train", corpus_dir, "--shard-tokens", 700]
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert run_cli(capsys, "--out", tmp_path / "clean", *args)[0] == 0
+    total = len(calls)  # 1 manifest + shards + 3 journal lines + 1 manifest
+    assert total > 8
+    for fail_at in (1, 2, total // 2, total - 1, total):
+        out = tmp_path / f"full-{fail_at}"
+        calls.clear()
+        monkeypatch.setattr(os, "fsync", lambda fd, n=fail_at: fsync(fd, n))
+        rc, err = run_cli(capsys, "--out", out, *args)
+        assert rc == 2 and err.startswith(f"error: {out / 'train'}/") and "\n" not in err, err
+        assert err.endswith(": cannot write (No space left on device)")
+        assert not list(out.rglob(".*.tmp"))
+        m = out / "train" / "manifest.json"
+        assert not m.exists() or not json.loads(m.read_text())["complete"]
+        with pytest.raises(DataError, match="no manifest|did not finish"):
+            build_loader(out, "train", 8, 2)
+        monkeypatch.setattr(os, "fsync", fsync)
+        assert run_cli(capsys, "--out", out, *args)[0] == 0
+        assert shard_bytes(out / "train") == shard_bytes(tmp_path / "clean" / "train")
+
+
+# --- loader: every bad case is a DataError naming the path -----------------------------------------
+
+def damage_manifest(out, change):
+    mpath = out / "train" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    change(m)
+    mpath.write_text(json.dumps(m))
+    return mpath
+
+
+@pytest.mark.parametrize("change,what", [
+    (lambda m: m.pop("shards"), "damaged manifest: 'shards' must be a list"),
+    (lambda m: m["shards"][0].update(file=3), "damaged manifest: 'shards' must be a list"),
+    (lambda m: m["shards"][0].update(num_tokens="10"), "damaged manifest: 'shards' must be a list"),
+    (lambda m: m.pop("dtype"), "damaged manifest: 'dtype' must be int32 or uint16"),
+    (lambda m: m.pop("tokenizer"), "damaged manifest: 'tokenizer' must be"),
+    (lambda m: m.update(complete="yes"), "prepare did not finish"),
+])
+def test_damaged_manifest_fields(prepared, change, what):
+    _, out, _ = prepared
+    mpath = damage_manifest(out, change)
+    with pytest.raises(DataError) as e:
+        build_loader(out, "train", 16, 2)
+    assert str(e.value).startswith(f"{mpath}: {what}")
+
+
+def test_manifest_that_cannot_be_read_and_tokenizer_that_is_missing(prepared, tmp_path):
+    _, out, _ = prepared
+    with pytest.raises(DataError) as e:
+        build_loader(out, "train", 16, 2, tokenizer=tmp_path / "missing.model")
+    assert str(e.value) == f"{tmp_path / 'missing.model'}: cannot read tokenizer model (No such file or directory)"
+    mpath = out / "train" / "manifest.json"
+    mpath.unlink()
+    mpath.mkdir()
+    with pytest.raises(DataError) as e:
+        build_loader(out, "train", 16, 2)
+    assert str(e.value) == f"{mpath}: cannot read manifest (Is a directory)"

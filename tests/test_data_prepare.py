@@ -18,19 +18,7 @@ from data.readers import expand_sources
 from data.shards import dtype_for_vocab, open_shard, read_header, write_shard
 from data.tokenizer import file_sha256
 from test_data_util import (MISTRAL, REPO, SAMPLE_TOKENIZER, SHARED, c4_lines, make_texts, reference_stream,
-                            slimpajama_lines, write_gz, write_zst)
-
-
-def split_tokens(split_dir) -> np.ndarray:
-    m = json.loads((split_dir / "manifest.json").read_text())
-    assert m["complete"]
-    parts = [np.asarray(open_shard(split_dir / s["file"]), dtype=np.int64) for s in m["shards"]]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def shard_bytes(split_dir) -> list[bytes]:
-    m = json.loads((split_dir / "manifest.json").read_text())
-    return [(split_dir / s["file"]).read_bytes() for s in m["shards"]]
+                            shard_bytes, slimpajama_lines, split_tokens, write_gz, write_zst)
 
 
 @pytest.fixture()
