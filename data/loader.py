@@ -80,7 +80,8 @@ class TokenLoader:
                             f"{self.windows_per_epoch} windows of seq_len {self.seq_len}, fewer than one global "
                             f"batch of world_size x batch_size = {self.world_size * self.batch_size}")
         #: windows of each epoch's order that no rank sees in that epoch (< world_size * batch_size)
-        self.windows_left_out_per_epoch = self.windows_per_epoch - self.steps_per_epoch * self.world_size * self.batch_size
+        used = self.steps_per_epoch * self.world_size * self.batch_size
+        self.windows_left_out_per_epoch = self.windows_per_epoch - used
         self.batches_consumed = 0
 
     # -- iteration ------------------------------------------------------------------------------

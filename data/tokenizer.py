@@ -88,10 +88,6 @@ class Tokenizer:
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    return Tokenizer(path)
-
-
 def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int) -> Iterator[str]:
     """Non-empty lines of every document, long lines cut at spaces into pieces of <= max_line_bytes.
 

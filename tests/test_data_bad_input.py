@@ -137,7 +137,8 @@ def test_cli_process_exits_2_without_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(tmp_path / "o"), "--train", str(f),
                         "--no-progress"], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"error: {f}, line 4: not a JSON object (Expecting value at column 1): 'not json'"]
+    assert p.stderr.strip().splitlines() == [
+        f"error: {f}, line 4: not a JSON object (Expecting value at column 1): 'not json'"]
 
 
 # --- shards, manifests, tokenizers ---------------------------------------------------------------

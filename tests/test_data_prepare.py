@@ -101,7 +101,8 @@ def test_rerun_resumes_and_redoes_changed_sources(tmp_path, corpus):
     write_gz(sources[1], c4_lines(new))
     m = prepare_split("train", sources, SAMPLE_TOKENIZER, out, workers=1, shard_tokens=1000, progress=False)
     assert [bool(s.get("reused")) for s in m["sources"]] == [True, False, True]
-    assert np.array_equal(split_tokens(out / "train"), reference_stream(SAMPLE_TOKENIZER, texts[:25] + new + texts[45:]))
+    assert np.array_equal(split_tokens(out / "train"),
+                          reference_stream(SAMPLE_TOKENIZER, texts[:25] + new + texts[45:]))
     assert {p.name for p in (out / "train").glob("*.bin")} == {s["file"] for s in m["shards"]}  # stale gone
 
     shard = out / "train" / m["sources"][2]["shards"][0]["file"]  # a damaged shard is detected and redone
@@ -204,13 +205,14 @@ def test_hard_kill_leaves_no_complete_looking_shard_and_rerun_recovers(tmp_path,
     journal = split / "progress.jsonl"
     finished = journal.read_text().splitlines() if journal.exists() else []
 
-    assert main(["--out", str(out), "--train", str(src), "--workers", "1", "--no-progress", "--shard-tokens", "700"]) == 0
+    args = ["--train", str(src), "--workers", "1", "--no-progress", "--shard-tokens", "700"]
+    assert main(["--out", str(out), *args]) == 0
     m = json.loads((split / "manifest.json").read_text())
     assert sum(bool(s.get("reused")) for s in m["sources"]) == len(finished)  # finished sources not redone
     assert not list(split.glob(".*.tmp"))
     assert np.array_equal(split_tokens(split), reference_stream(SAMPLE_TOKENIZER, texts))
     clean = tmp_path / "clean"
-    assert main(["--out", str(clean), "--train", str(src), "--workers", "1", "--no-progress", "--shard-tokens", "700"]) == 0
+    assert main(["--out", str(clean), *args]) == 0
     assert shard_bytes(split) == shard_bytes(clean / "train")
 
 
