@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -308,15 +309,16 @@ def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, tok: Tokeniz
              "documents": 0, "skipped": {}, "num_tokens": 0, "shards": []}
     cutter = _ShardCutter(split_dir, stem, dtype, shard_tokens)
     last_pos = 0
-    for texts, skipped, pos in _read_ahead(_text_batches(src, sets, BATCH_BYTES * threads), READ_AHEAD):
-        tokens = tok.encode_stream(texts, threads)
-        entry["documents"] += len(texts)
-        entry["num_tokens"] += int(tokens.size)
-        for k, v in skipped.items():
-            entry["skipped"][k] = entry["skipped"].get(k, 0) + v
-        cutter.add(tokens)
-        bar.update(pos - last_pos)
-        last_pos = pos
+    with contextlib.closing(_read_ahead(_text_batches(src, sets, BATCH_BYTES * threads), READ_AHEAD)) as batches:
+        for texts, skipped, pos in batches:  # on an error here, closing stops the reading thread at once
+            tokens = tok.encode_stream(texts, threads)
+            entry["documents"] += len(texts)
+            entry["num_tokens"] += int(tokens.size)
+            for k, v in skipped.items():
+                entry["skipped"][k] = entry["skipped"].get(k, 0) + v
+            cutter.add(tokens)
+            bar.update(pos - last_pos)
+            last_pos = pos
     entry["shards"] = cutter.finish()
     bar.update(st.st_size - last_pos)
     return entry

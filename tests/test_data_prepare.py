@@ -51,6 +51,31 @@ def test_tokens_equal_independent_tokenisation_for_any_worker_count(tmp_path, co
     assert outs[0] == outs[1]
 
 
+def test_read_ahead_keeps_order_raises_errors_in_place_and_stops_its_thread():
+    """prepare's reading thread: items in order, an error raised after the items before it, and closing the
+    consumer (an error or Ctrl-C while tokenising) stops a producer that is blocked on a full queue."""
+    import threading
+
+    from data.prepare import _read_ahead
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise DataError("src.json.gz, line 8", "not a JSON object")
+            yield i
+
+    assert list(_read_ahead(items(100), 3)) == list(range(100))
+    got = []
+    with pytest.raises(DataError, match="line 8: not a JSON object"):
+        for x in _read_ahead(items(100, fail_at=7), 3):
+            got.append(x)
+    assert got == list(range(7))
+    endless = _read_ahead(items(10**12), 2)
+    assert next(endless) == 0
+    endless.close()
+    assert not [t for t in threading.enumerate() if t.name == "prepare-reader"]
+
+
 def test_globs_folders_and_files_expand_to_the_same_sorted_list(corpus):
     src, _ = corpus
     by_dir = expand_sources([str(src)])
