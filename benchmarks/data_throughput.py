@@ -1,11 +1,21 @@
-"""Data pipeline throughput: prepare (tokens/s with N tokenising processes) and loader (windows/s).
+"""Data pipeline throughput: SentencePiece alone against the whole prepare, then the loader.
 
-Runs on the shared development corpus (../shared/corpus/c4, C4 format) with the Mistral-v0.1
-SentencePiece model (Llama layout, 32,000 pieces); skips with a message when they are absent.
-Prints a table, then one JSON line with the numbers.
+Runs on the shared development corpus (``shared/corpus/c4`` beside the checkout, C4 format) with the
+Mistral-v0.1 SentencePiece model (Llama layout, 32,000 pieces); skips with a message when they are absent.
 
-    python benchmarks/data_throughput.py                 # 2 processes, seq_len 2048, batch 8
-    python benchmarks/data_throughput.py --workers 4 --seq-len 4096
+- tokenizer alone: the same documents, read and parsed beforehand (not timed), encoded by SentencePiece's
+  batch call ``encode(texts, add_bos=True, add_eos=True, num_threads=W)`` (Python lists out, as most
+  callers use it), and the same call with ``out_type="numpy"`` (int32 buffers, what prepare uses);
+- prepare: ``prepare_split`` of the same files with W threads, from the compressed files to fsync'd shards;
+- loader: windows/s for each dataloader worker count.
+
+With ``--repeats N`` the tokenizer and prepare timings are taken N times, interleaved, and the fastest of
+each is kept: other users' load only ever slows a run down. Prints a table, then, last, one JSON line
+with both figures and their ratio (``prepare_vs_tokenizer``; ``prepare_vs_tokenizer_numpy`` against the
+faster numpy call).
+
+    python -m benchmarks.data_throughput                 # 2 threads, seq_len 2048, batch 8
+    python -m benchmarks.data_throughput --repeats 3 --loader-workers ''
 """
 
 from __future__ import annotations
@@ -20,23 +30,61 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared"
+from data.cli import MAX_THREADS, Parser, int_in
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = Parser(prog="python -m benchmarks.data_throughput", description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default=str(SHARED / "corpus" / "c4"))
     p.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "mistral-v1" / "tokenizer.model"))
-    p.add_argument("--workers", type=int, default=2, help="tokenising processes for prepare")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=300, help="batches timed per loader configuration")
-    p.add_argument("--loader-workers", default="0,2", help="dataloader worker counts to time")
-    p.add_argument("--out", default=None, help="where to write shards (default: a temporary folder)")
-    a = p.parse_args()
+    p.add_argument("--workers", type=int_in(1, MAX_THREADS), default=2, help="tokenising threads")
+    p.add_argument("--repeats", type=int_in(1), default=1, help="timings of each kind; the fastest is kept")
+    p.add_argument("--seq-len", type=int_in(1), default=2048)
+    p.add_argument("--batch-size", type=int_in(1), default=8)
+    p.add_argument("--batches", type=int_in(1), default=300, help="batches timed per loader configuration")
+    p.add_argument("--loader-workers", default="0,2", help="dataloader worker counts to time ('' = none)")
+    a = p.parse_args(argv)
+    try:
+        a.loader_workers = [int_in(0)(x) for x in a.loader_workers.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"argument --loader-workers: {e}")
+    return a
 
+
+def time_tokenizer(sp, texts, workers: int, numpy: bool) -> tuple[float, int]:
+    """Seconds for one batch encoding of `texts`, and the tokens it made."""
+    kw = {"out_type": "numpy"} if numpy else {}
+    t0 = time.perf_counter()
+    ids = sp.encode(texts, add_bos=True, add_eos=True, num_threads=workers, **kw)
+    dt = time.perf_counter() - t0
+    return dt, sum(map(len, ids))
+
+
+def time_prepare(train, tok, workers: int, out: Path) -> tuple[float, dict]:
+    from data.prepare import prepare_split
+
+    t0 = time.perf_counter()
+    m = prepare_split("train", train, tok, out, workers=workers, overwrite=True, progress=False)
+    return time.perf_counter() - t0, m
+
+
+def time_loader(out: Path, a, k: int) -> float:
+    from data.loader import build_loader
+
+    loader = build_loader(out, "train", a.seq_len, a.batch_size, num_workers=k, seed=0)
+    n = min(a.batches, loader.steps_per_epoch)
+    it = iter(loader)
+    next(it)  # start workers, open shards
+    t0 = time.perf_counter()
+    for _ in itertools.islice(it, n):
+        pass
+    return n * a.batch_size / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     corpus, tok = Path(a.corpus), Path(a.tokenizer)
     train = sorted(corpus.glob("c4-train.*.json.gz")) if corpus.is_dir() else []
     if not train or not tok.is_file():
@@ -45,42 +93,47 @@ def main() -> int:
         print(json.dumps({"benchmark": "data_throughput", "skipped": True}))
         return 0
 
-    from data.loader import build_loader
-    from data.prepare import prepare_split
+    import sentencepiece as spm
 
+    from data.readers import iter_texts
+
+    texts = [t for f in train for t in iter_texts(f)]
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    best = {"lists": float("inf"), "numpy": float("inf"), "prepare": float("inf")}
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(a.out) if a.out else Path(tmp)
-        t0 = time.perf_counter()
-        m = prepare_split("train", train, tok, out, workers=a.workers, overwrite=True, progress=False)
-        prep_s = time.perf_counter() - t0
-        chars_mb = sum(s["size"] for s in m["sources"]) / 1e6
-        rows = [("prepare", f"{a.workers} processes", f"{m['num_tokens']:,} tokens", f"{prep_s:.1f} s",
-                 f"{m['num_tokens'] / prep_s:,.0f} tokens/s")]
+        out = Path(tmp)
+        for _ in range(a.repeats):
+            for kind in ("lists", "numpy"):
+                dt, n_tok = time_tokenizer(sp, texts, a.workers, kind == "numpy")
+                best[kind] = min(best[kind], dt)
+            dt, m = time_prepare(train, tok, a.workers, out)
+            best["prepare"] = min(best["prepare"], dt)
+        assert m["num_tokens"] == n_tok and m["num_documents"] == len(texts), "prepare and tokenizer disagree"
+        rate = {k: n_tok / v for k, v in best.items()}
+        w = f"{a.workers} threads"
+        rows = [("tokenizer alone", w, f"{n_tok:,} tokens", f"{best['lists']:.1f} s",
+                 f"{rate['lists']:,.0f} tokens/s (Python lists)"),
+                ("tokenizer alone", w, f"{n_tok:,} tokens", f"{best['numpy']:.1f} s",
+                 f"{rate['numpy']:,.0f} tokens/s (numpy buffers)"),
+                ("prepare", w, f"{n_tok:,} tokens", f"{best['prepare']:.1f} s",
+                 f"{rate['prepare']:,.0f} tokens/s = {rate['prepare'] / rate['lists']:.0%} of the tokenizer alone")]
         result = {"benchmark": "data_throughput", "host": platform.node(), "cpus": os.cpu_count(),
-                  "prepare_workers": a.workers, "prepare_tokens": m["num_tokens"],
-                  "prepare_documents": m["num_documents"], "prepare_compressed_mb": round(chars_mb, 2),
-                  "prepare_s": round(prep_s, 2), "prepare_tokens_per_s": round(m["num_tokens"] / prep_s)}
-
-        for k in [int(x) for x in a.loader_workers.split(",")]:
-            loader = build_loader(out, "train", a.seq_len, a.batch_size, num_workers=k, seed=0)
-            n = min(a.batches, loader.steps_per_epoch)
-            it = iter(loader)
-            next(it)  # start workers, open shards
-            t0 = time.perf_counter()
-            for _ in itertools.islice(it, n):
-                pass
-            dt = time.perf_counter() - t0
-            wps = n * a.batch_size / dt
-            rows.append(("loader", f"{k} workers", f"{n} x [{a.batch_size}, {a.seq_len + 1}]", f"{dt:.2f} s",
+                  "load_avg_1min": round(os.getloadavg()[0], 2), "workers": a.workers, "repeats": a.repeats,
+                  "documents": len(texts), "tokens": n_tok, "tokenizer_tokens_per_s": round(rate["lists"]),
+                  "tokenizer_numpy_tokens_per_s": round(rate["numpy"]), "prepare_tokens_per_s": round(rate["prepare"]),
+                  "prepare_vs_tokenizer": round(rate["prepare"] / rate["lists"], 3),
+                  "prepare_vs_tokenizer_numpy": round(rate["prepare"] / rate["numpy"], 3)}
+        for k in a.loader_workers:
+            wps = time_loader(out, a, k)
+            rows.append(("loader", f"{k} workers", f"[{a.batch_size}, {a.seq_len + 1}] batches", "",
                          f"{wps:,.0f} windows/s = {wps * a.seq_len:,.0f} tokens/s"))
             result[f"loader_w{k}_windows_per_s"] = round(wps, 1)
-            result[f"loader_w{k}_tokens_per_s"] = round(wps * a.seq_len)
-            del it
-        result.update(seq_len=a.seq_len, batch_size=a.batch_size)
+        if a.loader_workers:
+            result.update(seq_len=a.seq_len, batch_size=a.batch_size)
 
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print(json.dumps(result))
     return 0
 

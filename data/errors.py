@@ -24,4 +24,5 @@ class DataError(Exception):
         return (type(self), (self.where, self.what))
 
 
-EXIT_DATA_ERROR = 2
+EXIT_DATA_ERROR = 2  # bad input data: a source file, a shard, a manifest, a tokenizer, an output path
+EXIT_USAGE_ERROR = 2  # a command-line option that cannot work (data/cli.py)

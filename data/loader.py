@@ -88,8 +88,8 @@ class TokenLoader:
                             f"{self.windows_per_epoch} windows of seq_len {self.seq_len}, fewer than one global "
                             f"batch of {self.global_batch} windows")
         #: windows of each epoch's order that no rank sees in that epoch (< world_size * batch_size)
-        self.windows_left_out_per_epoch = self.windows_per_epoch - self.steps_per_epoch * self.world_size * self.batch_size
         self.windows_per_batch = self.world_size * self.batch_size
+        self.windows_left_out_per_epoch = self.windows_per_epoch - self.steps_per_epoch * self.windows_per_batch
         self.batches_consumed = 0
 
     # -- iteration ------------------------------------------------------------------------------

@@ -11,107 +11,156 @@ embedded sample corpus and ``data/sample/tokenizer.model`` are used (the CPU dem
     python -m data.prepare --out out/data/sample
 
 Each document becomes BOS + tokens + EOS; documents are concatenated in source order (sources sorted by
-path); each source's tokens are cut into shards of exactly --shard-tokens (the last one shorter). Nothing is dropped and nothing is padded. Decompression
-runs in this process; JSON parsing and tokenisation run in ``--workers`` processes, results are put back
-in order, so the output does not depend on the worker count.
+path); each source's tokens are cut into shards of exactly --shard-tokens (the last one shorter). Nothing
+is dropped and nothing is padded.
+
+Speed: one process. A reading thread decompresses and parses JSON a few batches ahead; SentencePiece
+encodes each batch on ``--workers`` threads of its own (without holding the GIL) and hands back int32
+buffers, so no Python object is made per token and nothing is pickled between processes. Batches are
+used in order, so the output does not depend on the worker count.
 
 Restartability: every shard and manifest write is atomic (see data/shards.py), and each finished
 source file appends one fsync'd line to ``progress.jsonl`` (an append-only journal: O(1) work per
-source, where rewriting a manifest after each of SlimPajama's ~60k files would be quadratic). A re-run
-skips sources whose entry (path, size, mtime) matches and whose shards validate, and redoes the rest.
-The manifest is written once at the start (tokenizer + options, ``"complete": false``) and once at
-the end. A run with another tokenizer or other options
-into the same folder is refused unless ``--overwrite``.
+source, where rewriting a manifest after each of SlimPajama's ~60k files would be quadratic). Each line
+records what made the shards: the tokenizer's sha256 and the options that shape the bytes (skipped sets,
+shard size, dtype). A re-run keeps a source only if its entry matches all of that and the source's path,
+size and mtime, and its shards validate; it redoes the rest. The manifest is written once at the start
+(tokenizer + options, ``"complete": false``) and once at the end. A run with another tokenizer or other
+options into a folder whose manifest says otherwise is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Generator, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import EXIT_DATA_ERROR, DataError
 from data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from data.readers import expand_sources, iter_lines, parse_line, source_format
-from data.shards import atomic_write_json, dtype_for_vocab, read_header, write_shard
+from data.shards import atomic_write_json, dtype_for_vocab, make_folder, read_header, remove_file, write_shard
 from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN, SAMPLE_VAL, Tokenizer
 
 JOURNAL_NAME = "progress.jsonl"
-BATCH_BYTES = 1 << 20  # raw JSON bytes per task sent to a worker
+BATCH_BYTES = 1 << 20  # raw JSON bytes per tokenising thread in one SentencePiece batch
+READ_AHEAD = 4  # parsed batches the reading thread may hold ready for the tokenizer
 DEFAULT_SHARD_TOKENS = 1 << 26
 
-# --- worker side --------------------------------------------------------------------------------
+T = TypeVar("T")
 
-_TOK: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_path: str, in_pool: bool = False) -> None:
-    global _TOK
-    if in_pool:  # Ctrl-C goes to the whole process group; the main process handles it and terminates us
-        import signal
-
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _TOK = Tokenizer(tokenizer_path)
+# --- reading and tokenising ---------------------------------------------------------------------
 
 
-def _tokenize_batch(path: str, items: list[tuple[int, bytes]], skip_sets: frozenset[str]):
-    """Parse + tokenise one batch of raw lines -> (int32 tokens, documents, skip counts)."""
-    texts, skipped = [], collections.Counter()
-    for line_no, raw in items:
-        text, status = parse_line(path, line_no, raw, skip_sets)
+def _text_batches(src: Path, sets: frozenset[str], batch_bytes: int) -> Iterator[tuple[list[str], dict, int]]:
+    """``(texts, skip counts, compressed bytes read so far)`` for each ~`batch_bytes` of raw lines, in order."""
+    texts, skipped, nbytes, pos = [], collections.Counter(), 0, 0
+    for line_no, raw, pos in iter_lines(src):
+        text, status = parse_line(str(src), line_no, raw, sets)
         if text is None:
             skipped[status] += 1
         else:
             texts.append(text)
-    ids = _TOK.encode_documents(texts)
-    flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=sum(map(len, ids)))
-    return flat, len(texts), dict(skipped)
+        nbytes += len(raw)
+        if nbytes >= batch_bytes:
+            yield texts, skipped, pos
+            texts, skipped, nbytes = [], collections.Counter(), 0
+    if texts or skipped:
+        yield texts, skipped, pos
 
 
-class _Runner:
-    """Ordered, bounded parallel map: at most `depth` batches in flight, results in submission order.
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` unless `stop` is set first; returns whether it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
-    Bounded (unlike Pool.imap, which drains its input eagerly) so memory stays flat on large files, and
-    reading errors surface in the main thread at the line where they happen.
+
+def _read_ahead(items: Generator[T, None, None], depth: int) -> Iterator[T]:
+    """Yield `items`, produced up to `depth` ahead by a background thread; its errors are raised here, in order.
+
+    Decompression and JSON parsing then overlap with SentencePiece, which encodes without holding the GIL.
+    Closing this generator (an error or Ctrl-C in the consumer) stops and joins the thread.
     """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
 
-    def __init__(self, tokenizer_path: str, workers: int):
-        self.pool = None
-        if workers > 1:
-            import multiprocessing as mp
+    def produce():
+        try:
+            for item in items:
+                if not _put(q, (item, None), stop):
+                    return
+            _put(q, (end, None), stop)
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
+            _put(q, (end, e), stop)
+        finally:
+            items.close()
 
-            self.pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_path, True))
-            self.depth = 2 * workers + 1
-        else:
-            _init_worker(tokenizer_path)
-            self.depth = 1
-        self.pending: collections.deque = collections.deque()
+    thread = threading.Thread(target=produce, name="prepare-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
-    def submit(self, *args):
-        if self.pool is None:
-            self.pending.append(_tokenize_batch(*args))
-        else:
-            self.pending.append(self.pool.apply_async(_tokenize_batch, args))
 
-    def full(self) -> bool:
-        return len(self.pending) >= self.depth
+class _ShardCutter:
+    """Cuts one source's token stream into shards of exactly `shard_tokens` tokens (the last one shorter)."""
 
-    def pop(self):
-        r = self.pending.popleft()
-        return r if self.pool is None else r.get()
+    def __init__(self, split_dir: Path, stem: str, dtype: np.dtype, shard_tokens: int):
+        self.split_dir, self.stem, self.dtype, self.shard_tokens = split_dir, stem, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.buf: list[np.ndarray] = []
+        self.buffered = 0
 
-    def close(self, ok: bool):
-        if self.pool is not None:
-            (self.pool.close if ok else self.pool.terminate)()
-            self.pool.join()
+    def add(self, tokens: np.ndarray) -> None:
+        self.buf.append(tokens)
+        self.buffered += int(tokens.size)
+        if self.buffered >= self.shard_tokens:
+            self._write(final=False)
+
+    def finish(self) -> list[dict]:
+        """Write the remaining tokens; return the ``{file, num_tokens, bytes}`` of every shard written."""
+        self._write(final=True)
+        return self.shards
+
+    def _write(self, final: bool) -> None:
+        """Write full shards; with `final`, also the remainder."""
+        if not self.buffered:
+            return
+        data = np.concatenate(self.buf)
+        start = 0
+        while data.size - start >= self.shard_tokens or (final and start < data.size):
+            piece = data[start:start + self.shard_tokens]
+            name = f"{self.stem}-{len(self.shards):04d}.bin"
+            nbytes = write_shard(self.split_dir / name, piece, self.dtype)
+            self.shards.append({"file": name, "num_tokens": int(piece.size), "bytes": nbytes})
+            start += piece.size
+        self.buf = [data[start:]] if start < data.size else []
+        self.buffered = int(data.size - start)
 
 
 # --- main side ----------------------------------------------------------------------------------
@@ -124,15 +173,19 @@ def _shard_stem(src: Path) -> str:
     return f"{name}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}"
 
 
-def _source_done(split_dir: Path, prev: dict | None, src: Path, st: os.stat_result) -> bool:
-    if not prev or prev.get("size") != st.st_size or prev.get("mtime_ns") != st.st_mtime_ns:
+def _source_done(split_dir: Path, prev: dict | None, st: os.stat_result, made_with: dict) -> bool:
+    """Whether `prev` (an earlier run's entry for this source) can be kept: same tokenizer and options, same
+    source size and mtime, and every shard it lists is valid and holds the tokens it says."""
+    if not prev or prev.get("made_with") != made_with:
+        return False
+    if prev.get("size") != st.st_size or prev.get("mtime_ns") != st.st_mtime_ns:
         return False
     try:
         for s in prev["shards"]:
             _, count = read_header(split_dir / s["file"])
             if count != s["num_tokens"]:
                 return False
-    except DataError:
+    except (DataError, KeyError, TypeError):  # a bad shard, or a hand-edited entry: redo the source
         return False
     return True
 
@@ -140,7 +193,7 @@ def _source_done(split_dir: Path, prev: dict | None, src: Path, st: os.stat_resu
 def _clear_split(split_dir: Path) -> None:
     for p in split_dir.iterdir():
         if p.name in (MANIFEST_NAME, JOURNAL_NAME) or p.suffix in (".bin", ".tmp"):
-            p.unlink()
+            remove_file(p)
 
 
 def _read_journal(split_dir: Path) -> dict[str, dict]:
@@ -151,11 +204,14 @@ def _read_journal(split_dir: Path) -> dict[str, dict]:
     path = split_dir / JOURNAL_NAME
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
+    try:
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            data = data[: data.rfind(b"\n") + 1]
+            with open(path, "r+b") as f:
+                f.truncate(len(data))
+    except OSError as e:
+        raise DataError(path, f"cannot read or repair the journal ({e.strerror})") from None
     out = {}
     for line in data.splitlines():
         try:
@@ -167,10 +223,15 @@ def _read_journal(split_dir: Path) -> dict[str, dict]:
 
 
 def _append_journal(split_dir: Path, entry: dict) -> None:
-    with open(split_dir / JOURNAL_NAME, "ab") as f:
-        f.write(json.dumps(entry).encode("utf-8") + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one line; a line torn by a failure (disk full) is cut off by the next run's _read_journal."""
+    path = split_dir / JOURNAL_NAME
+    try:
+        with open(path, "ab") as f:
+            f.write(json.dumps(entry).encode("utf-8") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise DataError(path, f"cannot write ({e.strerror or e})") from None
 
 
 def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -179,10 +240,13 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
     """Tokenise `sources` into ``out_dir/split/`` and return the final manifest."""
     from tqdm import tqdm
 
+    if shard_tokens < 1 or workers < 1:  # the CLI refuses these up front; 0 would write empty shards forever
+        raise ValueError(f"shard_tokens and workers must be >= 1, got {shard_tokens} and {workers}")
+
     split_dir = Path(out_dir) / split
-    split_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(split_dir)
     for p in split_dir.glob(".*.tmp"):  # leftovers of an interrupted run; never referenced
-        p.unlink()
+        remove_file(p)
     tok = Tokenizer(tokenizer_path)
     dtype = dtype_for_vocab(tok.vocab_size)
     options = {"skip_sets": sorted(set(skip_sets)), "shard_tokens": int(shard_tokens), "dtype": dtype.name}
@@ -194,7 +258,8 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
                         "this folder was prepared with another tokenizer or other options "
                         f"(tokenizer sha256 {prev['tokenizer']['sha256'][:12]}..., options {prev['options']}); "
                         "pass --overwrite to redo it, or choose another --out")
-    done = {s["path"]: s for s in prev["sources"]} if prev else {}
+    made_with = {"tokenizer_sha256": tok.sha256, "options": options}  # what a reused source must match
+    done = {s["path"]: {**s, "made_with": made_with} for s in prev["sources"]} if prev else {}  # checked above
     done.update(_read_journal(split_dir))
 
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "split": split,
@@ -207,18 +272,16 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"prepare {split}", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     sets = frozenset(skip_sets)
-    runner = _Runner(str(tok.path), workers)
-    ok = False
     try:
         for src, size in zip(sources, sizes):
             st = src.stat()
             entry = done.get(str(src))
-            if _source_done(split_dir, entry, src, st):
-                entry = {**entry, "reused": True}
+            if _source_done(split_dir, entry, st, made_with):
+                entry = {k: v for k, v in entry.items() if k != "made_with"} | {"reused": True}
                 bar.update(size)
             else:
-                entry = _prepare_source(split_dir, src, st, runner, sets, dtype, shard_tokens, bar)
-                _append_journal(split_dir, entry)  # progress point for a resume
+                entry = _prepare_source(split_dir, src, st, tok, workers, sets, dtype, shard_tokens, bar)
+                _append_journal(split_dir, {**entry, "made_with": made_with})  # progress point for a resume
             manifest["sources"].append(entry)
             manifest["shards"].extend({**s, "source": str(src)} for s in entry["shards"])
             manifest["num_tokens"] += entry["num_tokens"]
@@ -226,82 +289,43 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
             for k, v in entry["skipped"].items():
                 manifest["skipped"][k] = manifest["skipped"].get(k, 0) + v
             bar.set_postfix(tokens=manifest["num_tokens"])
-        ok = True
     finally:
-        runner.close(ok)
         bar.close()
     keep = {s["file"] for s in manifest["shards"]}
     for p in split_dir.glob("*.bin"):
         if p.name not in keep:
-            p.unlink()
+            remove_file(p)
     manifest["complete"] = True
     atomic_write_json(split_dir / MANIFEST_NAME, manifest)
     return manifest
 
 
-def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, runner: _Runner, sets: frozenset[str],
-                    dtype: np.dtype, shard_tokens: int, bar) -> dict:
+def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, tok: Tokenizer, threads: int,
+                    sets: frozenset[str], dtype: np.dtype, shard_tokens: int, bar) -> dict:
     stem = _shard_stem(src)
     for p in split_dir.glob(f"{stem}-*.bin"):  # stale shards of an earlier, unfinished attempt
-        p.unlink()
+        remove_file(p)
     entry = {"path": str(src), "format": source_format(src), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
              "documents": 0, "skipped": {}, "num_tokens": 0, "shards": []}
-    buf: list[np.ndarray] = []
-    buffered = 0
+    cutter = _ShardCutter(split_dir, stem, dtype, shard_tokens)
     last_pos = 0
-
-    def flush(final: bool):
-        """Write full shards of exactly shard_tokens tokens; with final, also the remainder."""
-        nonlocal buf, buffered
-        if not buffered:
-            return
-        data = np.concatenate(buf)
-        start = 0
-        while data.size - start >= shard_tokens or (final and start < data.size):
-            piece = data[start:start + shard_tokens]
-            name = f"{stem}-{len(entry['shards']):04d}.bin"
-            nbytes = write_shard(split_dir / name, piece, dtype)
-            entry["shards"].append({"file": name, "num_tokens": int(piece.size), "bytes": nbytes})
-            start += piece.size
-        buf = [data[start:]] if start < data.size else []
-        buffered = int(data.size - start)
-
-    def collect():
-        nonlocal buffered
-        toks, ndocs, skipped = runner.pop()
-        entry["documents"] += ndocs
-        entry["num_tokens"] += int(toks.size)
-        for k, v in skipped.items():
-            entry["skipped"][k] = entry["skipped"].get(k, 0) + v
-        buf.append(toks)
-        buffered += int(toks.size)
-        if buffered >= shard_tokens:
-            flush(final=False)
-
-    items, nbytes = [], 0
-    for line_no, raw, pos in iter_lines(src):
-        items.append((line_no, raw))
-        nbytes += len(raw)
-        if nbytes >= BATCH_BYTES:
-            if runner.full():
-                collect()
-            runner.submit(str(src), items, sets)
-            items, nbytes = [], 0
+    with contextlib.closing(_read_ahead(_text_batches(src, sets, BATCH_BYTES * threads), READ_AHEAD)) as batches:
+        for texts, skipped, pos in batches:  # on an error here, closing stops the reading thread at once
+            tokens = tok.encode_stream(texts, threads)
+            entry["documents"] += len(texts)
+            entry["num_tokens"] += int(tokens.size)
+            for k, v in skipped.items():
+                entry["skipped"][k] = entry["skipped"].get(k, 0) + v
+            cutter.add(tokens)
             bar.update(pos - last_pos)
             last_pos = pos
-    if items:
-        if runner.full():
-            collect()
-        runner.submit(str(src), items, sets)
-    while runner.pending:
-        collect()
-    flush(final=True)
+    entry["shards"] = cutter.finish()
     bar.update(st.st_size - last_pos)
     return entry
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m data.prepare",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tokenise C4 (*.json.gz) / SlimPajama (*.jsonl.zst) files into packed token shards.\n"
@@ -314,17 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
                "Full data:\n"
                "    python -m data.prepare --out out/c4 --tokenizer tokenizer.model \\\n"
                "        --train 'c4/c4-train.*.json.gz' --val c4/c4-validation.00000-of-00001.json.gz --workers 8\n"
-               "Bad input is reported as one line 'error: FILE, line N: what' with exit status 2.")
+               "Bad input is reported as one line 'error: FILE, line N: what', an option value that cannot\n"
+               "work as 'error: argument --NAME: what'; both with exit status 2, before anything is written.")
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/ subfolders)")
     p.add_argument("--train", nargs="+", metavar="SRC", help="train sources: files, folders or globs")
     p.add_argument("--val", nargs="+", metavar="SRC", help="validation sources: files, folders or globs")
     p.add_argument("--tokenizer", default=str(SAMPLE_TOKENIZER), help="SentencePiece model (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="tokenising processes (default: %(default)s; 1 = in this process)")
+    p.add_argument("--workers", type=int_in(1, MAX_THREADS), default=min(os.cpu_count() or 1, 8),
+                   help="tokenising threads (default: %(default)s); reading runs in one more thread")
     p.add_argument("--skip-set", action="append", default=[], metavar="NAME",
                    help="SlimPajama: skip documents whose meta.redpajama_set_name is NAME (repeatable)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                   help="start a new shard after about this many tokens (default: %(default)s)")
+    p.add_argument("--shard-tokens", type=int_in(1), default=DEFAULT_SHARD_TOKENS,
+                   help="tokens per shard; each source's last shard holds the rest (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="discard what is in OUT/<split> and redo it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -3,9 +3,9 @@
 - C4: gzip'd JSON lines ``{"text", "timestamp", "url"}`` (``*.json.gz``).
 - SlimPajama: zstd-compressed JSON lines ``{"text", "meta": {"redpajama_set_name"}}`` (``*.jsonl.zst``).
 
-Reading is split in two steps so that prepare can parallelise the expensive part: `iter_lines` runs in
-the main process (decompression, which is sequential by nature) and yields raw lines with their line
-number; `parse_line` (JSON, validation, set filtering) runs in the tokenising worker processes.
+Reading is two steps: `iter_lines` decompresses and yields raw lines with their line number;
+`parse_line` (JSON, validation, set filtering) turns one into a document text or a skip reason, which
+prepare counts. prepare runs both in its reading thread, ahead of the tokenizer.
 
 Rules (see data/README.md): a corrupt/truncated stream, a line that is not JSON, not valid UTF-8, or
 lacks a string ``text`` field is a `DataError`; an empty (whitespace-only) document and a document of a
@@ -145,7 +145,8 @@ def parse_line(path: str, line_no: int, raw: bytes, skip_sets: frozenset[str] = 
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(where, f"not valid UTF-8 (at byte offset {e.start} of the line: {raw[e.start:e.start + 4]!r})") from None
+        raise DataError(where, f"not valid UTF-8 (at byte offset {e.start} of the line: "
+                               f"{raw[e.start:e.start + 4]!r})") from None
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:

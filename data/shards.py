@@ -19,6 +19,7 @@ never a file under a shard name that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -44,8 +45,23 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def make_folder(path: str | os.PathLike) -> None:
+    """``mkdir -p``; a failure (a file in the way, no permission, ...) is a DataError naming the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise DataError(blocker, "is a file, not a folder") from None
+        raise DataError(e.filename or path, f"cannot create folder ({e.strerror})") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
-    """Write `chunks` (bytes-like objects) to `path` via temporary file + fsync + os.replace."""
+    """Write `chunks` (bytes-like objects) to `path` via temporary file + fsync + os.replace.
+
+    A failure (disk full, no permission, a folder in the way) removes the temporary file and is a
+    DataError naming `path`; `path` itself is then untouched."""
     path = Path(path)
     tmp = _tmp_name(path)
     try:
@@ -55,9 +71,20 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise DataError(path, f"cannot write ({e.strerror or e})") from None
         raise
+
+
+def remove_file(path: str | os.PathLike) -> None:
+    """Delete `path` if it exists; a failure is a DataError naming it."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError as e:
+        raise DataError(path, f"cannot delete ({e.strerror})") from None
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -16,18 +16,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import io
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
+
+from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import EXIT_DATA_ERROR, DataError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 SAMPLE_TOKENIZER = SAMPLE_DIR / "tokenizer.model"
 SAMPLE_TRAIN = SAMPLE_DIR / "c4-train.00000-of-00001.json.gz"
 SAMPLE_VAL = SAMPLE_DIR / "c4-validation.00000-of-00001.json.gz"
+MIN_VOCAB = 3 + 256 + 1  # unk/bos/eos, the byte-fallback pieces, one character
+MAX_VOCAB = 2**31 - 1  # SentencePiece stores the size as an int32
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -64,9 +70,15 @@ class Tokenizer:
         """BOS + tokens + EOS."""
         return [self.bos_id, *self.sp.encode(text), self.eos_id]
 
-    def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
-        ids = self.sp.encode(list(texts))
-        return [[self.bos_id, *x, self.eos_id] for x in ids]
+    def encode_stream(self, texts: Sequence[str], num_threads: int = 1) -> np.ndarray:
+        """BOS + tokens + EOS of every text, concatenated in order, as one int32 array.
+
+        SentencePiece encodes the batch on `num_threads` threads without holding the GIL and returns one
+        int32 buffer per text, so no Python int is ever made for a token."""
+        if not texts:
+            return np.zeros(0, np.int32)
+        ids = self.sp.encode(list(texts), add_bos=True, add_eos=True, num_threads=num_threads, out_type="numpy")
+        return np.concatenate(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -74,10 +86,6 @@ class Tokenizer:
     def describe(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    return Tokenizer(path)
 
 
 def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int) -> Iterator[str]:
@@ -100,44 +108,66 @@ def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int) -> 
                     line = line[cut:]
 
 
+def _training_error(message: str, inputs: Sequence[str | os.PathLike], vocab_size: int) -> DataError:
+    """SentencePiece's training failures (C++ check messages) as a DataError naming what to change."""
+    if "!sentences_.empty()" in message:
+        return DataError(", ".join(map(str, inputs)), "no training text (every document is empty)")
+    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", message):
+        return DataError(f"--vocab-size {vocab_size}", f"too small: these inputs need at least {m[1]} pieces")
+    if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message):
+        return DataError(f"--vocab-size {vocab_size}", f"too large: these inputs allow at most {m[1]} pieces")
+    return DataError("sentencepiece training", message.split("] ", 1)[-1].strip() or message)
+
+
 def train_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, vocab_size: int = 4096,
                     seed: int = 0, input_sentence_size: int = 300_000, num_threads: int = 2) -> Tokenizer:
     """Train a Llama-layout BPE model from C4/SlimPajama files and write it atomically to `out`."""
     import sentencepiece as spm
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     max_len = 4192
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(inputs, max_len), model_writer=model,
-        model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        character_coverage=0.99995, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
-        max_sentence_length=max_len, input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True, num_threads=num_threads, minloglevel=2,
-    )
-    from data.shards import atomic_write_bytes
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(inputs, max_len), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            character_coverage=0.99995, split_digits=True, allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False, normalization_rule_name="identity", add_dummy_prefix=True,
+            max_sentence_length=max_len, input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True, num_threads=num_threads, minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise _training_error(str(e), inputs, vocab_size) from None
+    from data.shards import atomic_write_bytes, make_folder
 
+    make_folder(out.parent)
     atomic_write_bytes(out, [model.getvalue()])
     return Tokenizer(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
         prog="python -m data.tokenizer",
         description="Train a Llama-layout SentencePiece BPE tokenizer (byte fallback, unk/bos/eos = 0/1/2, "
                     "no pad) from C4 *.json.gz / SlimPajama *.jsonl.zst files. Documents are later encoded "
                     "as BOS + tokens + EOS. With no arguments it regenerates data/sample/tokenizer.model.")
-    p.add_argument("--input", nargs="+", default=[str(SAMPLE_TRAIN)], help="source files (default: the sample train file)")
+    p.add_argument("--input", nargs="+", default=[str(SAMPLE_TRAIN)],
+                   help="source files (default: the sample train file)")
     p.add_argument("--out", default=str(SAMPLE_TOKENIZER), help="model file to write (default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input-sentence-size", type=int, default=300_000, help="cap on training lines sampled")
-    p.add_argument("--num-threads", type=int, default=2)
-    a = p.parse_args(argv)
+    p.add_argument("--vocab-size", type=int_in(MIN_VOCAB, MAX_VOCAB), default=4096,
+                   help=f"pieces, >= {MIN_VOCAB}: 3 special + 256 byte pieces + at least one character; how many "
+                        "the inputs need or allow is known only once training runs (default: %(default)s)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
+    p.add_argument("--input-sentence-size", type=int_in(0), default=300_000,
+                   help="cap on training lines sampled, 0 = all (default: %(default)s)")
+    p.add_argument("--num-threads", type=int_in(1, MAX_THREADS), default=2)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         tok = train_tokenizer(a.input, a.out, a.vocab_size, a.seed, a.input_sentence_size, a.num_threads)
     except DataError as e:

@@ -18,19 +18,7 @@ from data.readers import expand_sources
 from data.shards import dtype_for_vocab, open_shard, read_header, write_shard
 from data.tokenizer import file_sha256
 from test_data_util import (MISTRAL, REPO, SAMPLE_TOKENIZER, SHARED, c4_lines, make_texts, reference_stream,
-                            slimpajama_lines, write_gz, write_zst)
-
-
-def split_tokens(split_dir) -> np.ndarray:
-    m = json.loads((split_dir / "manifest.json").read_text())
-    assert m["complete"]
-    parts = [np.asarray(open_shard(split_dir / s["file"]), dtype=np.int64) for s in m["shards"]]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-
-
-def shard_bytes(split_dir) -> list[bytes]:
-    m = json.loads((split_dir / "manifest.json").read_text())
-    return [(split_dir / s["file"]).read_bytes() for s in m["shards"]]
+                            shard_bytes, slimpajama_lines, split_tokens, write_gz, write_zst)
 
 
 @pytest.fixture()
@@ -61,6 +49,31 @@ def test_tokens_equal_independent_tokenisation_for_any_worker_count(tmp_path, co
         assert all(s["num_tokens"] == 1000 for s in m["sources"][0]["shards"][:-1])  # exact cuts, tail kept
         outs.append(shard_bytes(out / "train"))
     assert outs[0] == outs[1]
+
+
+def test_read_ahead_keeps_order_raises_errors_in_place_and_stops_its_thread():
+    """prepare's reading thread: items in order, an error raised after the items before it, and closing the
+    consumer (an error or Ctrl-C while tokenising) stops a producer that is blocked on a full queue."""
+    import threading
+
+    from data.prepare import _read_ahead
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise DataError("src.json.gz, line 8", "not a JSON object")
+            yield i
+
+    assert list(_read_ahead(items(100), 3)) == list(range(100))
+    got = []
+    with pytest.raises(DataError, match="line 8: not a JSON object"):
+        for x in _read_ahead(items(100, fail_at=7), 3):
+            got.append(x)
+    assert got == list(range(7))
+    endless = _read_ahead(items(10**12), 2)
+    assert next(endless) == 0
+    endless.close()
+    assert not [t for t in threading.enumerate() if t.name == "prepare-reader"]
 
 
 def test_globs_folders_and_files_expand_to_the_same_sorted_list(corpus):
@@ -113,7 +126,8 @@ def test_rerun_resumes_and_redoes_changed_sources(tmp_path, corpus):
     write_gz(sources[1], c4_lines(new))
     m = prepare_split("train", sources, SAMPLE_TOKENIZER, out, workers=1, shard_tokens=1000, progress=False)
     assert [bool(s.get("reused")) for s in m["sources"]] == [True, False, True]
-    assert np.array_equal(split_tokens(out / "train"), reference_stream(SAMPLE_TOKENIZER, texts[:25] + new + texts[45:]))
+    assert np.array_equal(split_tokens(out / "train"),
+                          reference_stream(SAMPLE_TOKENIZER, texts[:25] + new + texts[45:]))
     assert {p.name for p in (out / "train").glob("*.bin")} == {s["file"] for s in m["shards"]}  # stale gone
 
     shard = out / "train" / m["sources"][2]["shards"][0]["file"]  # a damaged shard is detected and redone
@@ -138,6 +152,45 @@ def test_torn_journal_line_is_ignored_and_repaired(tmp_path, corpus):
     assert [bool(s.get("reused")) for s in m["sources"]] == [True, False, False]
     assert journal.read_bytes().endswith(b"\n") and len(journal.read_bytes().splitlines()) == 3
     assert np.array_equal(split_tokens(out / "train"), reference_stream(SAMPLE_TOKENIZER, texts))
+
+
+def test_source_made_with_another_tokenizer_is_not_reused_when_the_manifest_is_gone(tmp_path, capsys):
+    """The reported case: val prepared with a 5,000-piece tokenizer, its manifest deleted, then prepared with
+    the 4,096-piece sample tokenizer. The journal entry used to be trusted ('(1 reused)'): a manifest naming
+    the sample tokenizer over shards holding ids up to 4,999, and an IndexError in training's embedding."""
+    from data.readers import iter_texts
+    from data.tokenizer import SAMPLE_VAL, train_tokenizer
+
+    other = train_tokenizer([SAMPLE_VAL], tmp_path / "other.model", vocab_size=5000)
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--val", str(SAMPLE_VAL), "--workers", "1", "--no-progress"]
+    assert main(args + ["--tokenizer", str(other.path)]) == 0
+    assert split_tokens(out / "val").max() >= 4096
+    (out / "val" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "(0 reused)" in capsys.readouterr().out
+    m = json.loads((out / "val" / "manifest.json").read_text())
+    assert m["tokenizer"]["sha256"] == file_sha256(SAMPLE_TOKENIZER)
+    assert np.array_equal(split_tokens(out / "val"), reference_stream(SAMPLE_TOKENIZER, list(iter_texts(SAMPLE_VAL))))
+
+
+@pytest.mark.parametrize("first,second", [(["--shard-tokens", "1000"], ["--shard-tokens", "700"]),
+                                          ([], ["--skip-set", "RedPajamaCommonCrawl"])])
+def test_source_made_with_other_options_is_not_reused_when_the_manifest_is_gone(tmp_path, corpus, first, second):
+    """Any option that changes the bytes (shard size, skipped sets) makes every source be redone."""
+    src, _ = corpus
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--train", str(src), "--workers", "1", "--no-progress"]
+    assert main(args + first) == 0
+    (out / "train" / "manifest.json").unlink()
+    assert main(args + second) == 0
+    clean = tmp_path / "clean"
+    assert main(["--out", str(clean), *args[2:], *second]) == 0
+    m = json.loads((out / "train" / "manifest.json").read_text())
+    assert [bool(s.get("reused")) for s in m["sources"]] == [False, False, False]
+    assert shard_bytes(out / "train") == shard_bytes(clean / "train")
+    assert m["options"] == json.loads((clean / "train" / "manifest.json").read_text())["options"]
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -177,13 +230,14 @@ def test_hard_kill_leaves_no_complete_looking_shard_and_rerun_recovers(tmp_path,
     journal = split / "progress.jsonl"
     finished = journal.read_text().splitlines() if journal.exists() else []
 
-    assert main(["--out", str(out), "--train", str(src), "--workers", "1", "--no-progress", "--shard-tokens", "700"]) == 0
+    args = ["--train", str(src), "--workers", "1", "--no-progress", "--shard-tokens", "700"]
+    assert main(["--out", str(out), *args]) == 0
     m = json.loads((split / "manifest.json").read_text())
     assert sum(bool(s.get("reused")) for s in m["sources"]) == len(finished)  # finished sources not redone
     assert not list(split.glob(".*.tmp"))
     assert np.array_equal(split_tokens(split), reference_stream(SAMPLE_TOKENIZER, texts))
     clean = tmp_path / "clean"
-    assert main(["--out", str(clean), "--train", str(src), "--workers", "1", "--no-progress", "--shard-tokens", "700"]) == 0
+    assert main(["--out", str(clean), *args]) == 0
     assert shard_bytes(split) == shard_bytes(clean / "train")
 
 

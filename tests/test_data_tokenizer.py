@@ -3,10 +3,11 @@ loading real Llama-layout models (Mistral v0.1 from ../shared when present)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from data.errors import DataError
-from data.tokenizer import file_sha256, load_tokenizer, train_tokenizer
+from data.tokenizer import Tokenizer, file_sha256, train_tokenizer
 from test_data_util import MISTRAL, SAMPLE_TOKENIZER, c4_lines, make_texts, write_gz
 
 UNSEEN = "日本語のテキスト ☃ \u0001 Ωmega"  # characters the demo model never saw -> byte fallback
@@ -24,14 +25,18 @@ def check_llama_layout(tok, vocab_size):
 
 
 def test_demo_tokenizer_has_llama_layout():
-    check_llama_layout(load_tokenizer(SAMPLE_TOKENIZER), 4096)
+    check_llama_layout(Tokenizer(SAMPLE_TOKENIZER), 4096)
 
 
 def test_document_is_bos_tokens_eos():
-    tok = load_tokenizer(SAMPLE_TOKENIZER)
+    tok = Tokenizer(SAMPLE_TOKENIZER)
     text = "It is a truth universally acknowledged."
     assert tok.encode_document(text) == [1, *tok.sp.encode(text), 2]
-    assert tok.encode_documents([text, "x"]) == [tok.encode_document(text), tok.encode_document("x")]
+    for threads in (1, 3):
+        stream = tok.encode_stream([text, "x", UNSEEN], num_threads=threads)
+        assert stream.dtype == np.int32
+        assert stream.tolist() == tok.encode_document(text) + tok.encode_document("x") + tok.encode_document(UNSEEN)
+    assert tok.encode_stream([]).tolist() == []
     assert len(tok.sp.encode(text)) < len(text) / 2  # it learned English merges, not just bytes
 
 
@@ -58,14 +63,14 @@ def test_not_a_model_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"this is not a protobuf")
     with pytest.raises(DataError, match="not a valid SentencePiece model") as e:
-        load_tokenizer(bad)
+        Tokenizer(bad)
     assert str(bad) in str(e.value)
     with pytest.raises(DataError, match="not found"):
-        load_tokenizer(tmp_path / "missing.model")
+        Tokenizer(tmp_path / "missing.model")
 
 
 @pytest.mark.skipif(not MISTRAL.exists(), reason="../shared/tokenizers/mistral-v1 not present")
 def test_loads_mistral_llama_layout_model():
-    tok = load_tokenizer(MISTRAL)
+    tok = Tokenizer(MISTRAL)
     check_llama_layout(tok, 32000)
     assert tok.encode_document("Hello world") == [1, 22557, 1526, 2]

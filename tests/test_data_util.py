@@ -67,3 +67,19 @@ def reference_stream(tokenizer_path, texts) -> np.ndarray:
     for t in texts:
         out += [sp.bos_id(), *sp.encode(t), sp.eos_id()]
     return np.asarray(out, dtype=np.int64)
+
+
+def split_tokens(split_dir: Path) -> np.ndarray:
+    """Every token of a completely prepared split, in stream order, as int64."""
+    from data.shards import open_shard
+
+    m = json.loads((split_dir / "manifest.json").read_text())
+    assert m["complete"]
+    parts = [np.asarray(open_shard(split_dir / s["file"]), dtype=np.int64) for s in m["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def shard_bytes(split_dir: Path) -> list[bytes]:
+    """The bytes of every shard the split's manifest lists, in order."""
+    m = json.loads((split_dir / "manifest.json").read_text())
+    return [(split_dir / s["file"]).read_bytes() for s in m["shards"]]
