@@ -125,7 +125,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch
     import torch.distributed as dist
     from litgpt.model import Block
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from optim.build import build_optimizer, optimizer_state_bytes

@@ -30,7 +30,8 @@ import time
 import torch
 
 import models
-from optim import kernels, native as native_kernel
+from optim import kernels
+from optim import native as native_kernel
 from optim.build import build_optimizer
 
 HP = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

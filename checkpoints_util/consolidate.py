@@ -20,10 +20,9 @@ import sys
 
 import torch
 
+from amp_common.tensors import DTYPES, nbytes
 from checkpoints_util.output import atomic_file, check_destination, human_bytes, progress
 from checkpoints_util.reader import open_checkpoint
-from amp_common.tensors import DTYPES, nbytes
-
 
 
 def consolidate(checkpoint, out, with_optimizer: bool = False, dtype: torch.dtype | None = None,
@@ -65,7 +64,8 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a step-XXXXXXXX folder, or a run folder (its newest checkpoint)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to write (e.g. model.pth)")
     p.add_argument("--with-optimizer", action="store_true",
-                   help="also store the optimizer state by parameter name (the file becomes {'model', 'optimizer', ...})")
+                   help="also store the optimizer state by parameter name (the file becomes {'model', 'optimizer', "
+                        "...})")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="cast floating tensors (auto = as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")

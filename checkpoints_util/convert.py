@@ -26,8 +26,15 @@ import torch
 import yaml
 
 from checkpoints_util import store
-from checkpoints_util.layout import (CONFIG_FILE, MODEL_CONFIG_FILE, TRAINER_FILE, CheckpointError,
-                                     list_checkpoints, step_dir_name, step_of)
+from checkpoints_util.layout import (
+    CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    TRAINER_FILE,
+    CheckpointError,
+    list_checkpoints,
+    step_dir_name,
+    step_of,
+)
 from checkpoints_util.reader import expected_shapes, load_keys, load_model_config
 
 _WRAPPERS = ("_forward_module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -118,7 +125,8 @@ def _data_position(loader: dict) -> dict[str, torch.Tensor]:
     windows = (int(loader["num_tokens"]) - 1) // int(loader["seq_len"])
     per_batch = int(loader["world_size"]) * int(loader["batch_size"])
     epoch, batches = divmod(int(loader["batches_consumed"]), windows // per_batch)
-    values = dict(epoch=epoch, position=batches * per_batch, windows_consumed=int(loader["batches_consumed"]) * per_batch,
+    values = dict(epoch=epoch, position=batches * per_batch,
+                  windows_consumed=int(loader["batches_consumed"]) * per_batch,
                   seed=loader["seed"], shuffle=int(bool(loader["shuffle"])), seq_len=loader["seq_len"],
                   num_tokens=loader["num_tokens"])
     return {k: torch.tensor(int(v), dtype=torch.int64) for k, v in values.items()}

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from amp_common.tensors import DTYPES, nbytes
 from checkpoints_util import hf_llama, tokenizer_files
 from checkpoints_util.output import atomic_dir, check_destination, human_bytes, parse_size, progress
 from checkpoints_util.reader import Checkpoint, open_checkpoint
-from amp_common.tensors import DTYPES, nbytes
 
 DEFAULT_MAX_SHARD = "5GB"
 

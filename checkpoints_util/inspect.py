@@ -11,9 +11,9 @@ from typing import Any
 
 import yaml
 
-from checkpoints_util.output import human_bytes
 from amp_common.tensors import nbytes, numel
 from checkpoints_util.layout import CheckpointError
+from checkpoints_util.output import human_bytes
 from checkpoints_util.reader import Checkpoint, open_checkpoint
 
 # The litgpt.Config fields that describe a Llama's size (the full config is in model_config.yaml).

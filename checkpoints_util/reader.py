@@ -24,8 +24,15 @@ import yaml
 from amp_common.quiet import quiet_checkpoint_warnings
 from amp_common.tensors import nbytes, numel
 from checkpoints_util import store
-from checkpoints_util.layout import (CONFIG_FILE, MODEL_CONFIG_FILE, PARTIAL_RE, CheckpointError, is_complete,
-                                     latest_checkpoint, step_of)
+from checkpoints_util.layout import (
+    CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    PARTIAL_RE,
+    CheckpointError,
+    is_complete,
+    latest_checkpoint,
+    step_of,
+)
 
 __all__ = ["Checkpoint", "CheckpointError", "open_checkpoint", "expected_shapes"]
 

@@ -37,10 +37,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from amp_common.quiet import quiet_checkpoint_warnings
 from amp_common.atomic import WriteError, atomic_write_json, atomic_write_text, fsync_path, fsync_tree
-from checkpoints_util.layout import (CONFIG_FILE, FORMAT, MODEL_CONFIG_FILE, TRAINER_FILE, CheckpointError,
-                                     list_checkpoints, step_dir_name, step_of)
+from amp_common.quiet import quiet_checkpoint_warnings
+from checkpoints_util.layout import (
+    CONFIG_FILE,
+    FORMAT,
+    MODEL_CONFIG_FILE,
+    TRAINER_FILE,
+    CheckpointError,
+    list_checkpoints,
+    step_dir_name,
+    step_of,
+)
 
 HASH_CHUNK = 1 << 24
 

@@ -6,4 +6,5 @@ from models.configs import CONFIG_NAMES, build_model, get_config
 from models.flops import count_params, flops_per_token
 from models.init import init_model, init_weights, mark_for_init
 
-__all__ = ["CONFIG_NAMES", "build_model", "count_params", "flops_per_token", "get_config", "init_model", "init_weights", "mark_for_init"]
+__all__ = ["CONFIG_NAMES", "build_model", "count_params", "flops_per_token", "get_config", "init_model", "init_weights",
+           "mark_for_init"]

@@ -22,7 +22,8 @@ def param_generator(seed: int, name: str, device: torch.device) -> torch.Generat
 def init_weights(module: nn.Module, n_layer: int, n_embd: int, seed: int = 0) -> None:
     """Initialise one module's own tensors (not its children's), so it can serve as an FSDP param_init_fn.
 
-    The module's path in the model (set by `mark_for_init`) names its parameters' generators. Embeddings and linear layers: normal(0, sqrt(2 / (5·d))) (small-init, Nguyen & Salazar
+    The module's path in the model (set by `mark_for_init`) names its parameters' generators. Embeddings
+    and linear layers: normal(0, sqrt(2 / (5·d))) (small-init, Nguyen & Salazar
     2019). Output projections of attention and MLP (`*.proj`): normal(0, 1 / sqrt(d) / n_layer) (GPT-NeoX
     "wang init"). Norm weights: ones. Biases: zeros.
     """

@@ -52,7 +52,6 @@ import torch.distributed as dist
 from amp_common.quiet import quiet_checkpoint_warnings
 from optim.units import local_1d
 
-
 # --------------------------------------------------------------------------------------------------
 # What every name maps to inside the optimizer
 # --------------------------------------------------------------------------------------------------

@@ -358,9 +358,9 @@ def validate(cfg: PretrainConfig) -> None:
 
 def model_config(cfg: PretrainConfig):
     """The run's litgpt.Config; a ConfigError names a bad `model.overrides` field."""
-    import models
-
     import litgpt
+
+    import models
 
     fields = {f.name for f in dataclasses.fields(litgpt.Config)}
     unknown = sorted(set(cfg.model.overrides) - fields)

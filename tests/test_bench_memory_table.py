@@ -1,12 +1,6 @@
 """benchmarks/memory_table.py arithmetic against a hand computation (debug model, 3 GPUs: padded shards)."""
-import importlib.util
-from pathlib import Path
-
+import benchmarks.memory_table as mt
 import models
-
-_spec = importlib.util.spec_from_file_location("memory_table", Path(__file__).resolve().parents[1] / "benchmarks" / "memory_table.py")
-mt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mt)
 
 
 def test_units_of_debug_model_by_hand():

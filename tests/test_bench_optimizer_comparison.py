@@ -1,17 +1,11 @@
-"""benchmarks/optimizer_comparison.py bookkeeping: identical-batch check, best-lr choice, the verdict sentence."""
-import importlib.util
-from pathlib import Path
-
+"""benchmarks/optimizer_comparison.py bookkeeping: identical-batch check, best-lr choice, gaps and the verdict."""
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "optimizer_comparison", Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_comparison.py")
-oc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(oc)
+import benchmarks.optimizer_comparison as oc
 
 
-def _run(opt, lr, seed, final, batches="b"):
-    return {"spec": {"optimizer": opt, "lr": lr, "seed": seed}, "final_val": final, "diverged": False,
+def _run(variant, lr, seed, final, batches="b"):
+    return {"spec": {"variant": variant, "lr": lr, "seed": seed}, "final_val": final, "diverged": False,
             "val": [[0, 8.0], [100, final]], "sha256_init": f"i{seed}", "sha256_val_batches": "v",
             "sha256_train_batches": f"{batches}{seed}"}
 
@@ -28,13 +22,32 @@ def test_check_identical_refuses_runs_that_saw_other_batches():
         oc.check_identical(bad)
 
 
-def test_best_lr_and_verdict():
+def test_best_lr_gaps_and_verdict():
     res = _results([_run("adamw", 1e-3, 0, 4.2), _run("adamw", 2e-3, 0, 4.0), _run("adam_mini", 1e-3, 0, 3.9),
-                    _run("adam_mini", 2e-3, 0, float("nan")), _run("adamw", 2e-3, 1, 4.1), _run("adam_mini", 1e-3, 1, 4.0)])
-    s = oc.summarise(res, None, 0)
+                    _run("adam_mini", 2e-3, 0, float("nan")), _run("adamw", 2e-3, 1, 4.1),
+                    _run("adam_mini", 1e-3, 1, 4.0)])
+    s = oc.summarise(res, ["adamw", "adam_mini"], 0)
     assert s["best"]["adamw"]["spec"]["lr"] == 2e-3 and s["best"]["adam_mini"]["spec"]["lr"] == 1e-3
-    assert s["winner"] == "Adam-mini" and s["diff"] == pytest.approx(-0.1)
-    assert s["paired"] == pytest.approx([-0.1, -0.1]) and "Adam-mini is better here" in s["sentence"]
+    gap = s["gaps"]["adam_mini"]
+    assert gap["best_vs_best"] == pytest.approx(-0.1) and gap["paired"] == pytest.approx([-0.1, -0.1])
+    assert gap["spread"] == pytest.approx(0.1)  # 4.0 vs 4.1 (AdamW) and 3.9 vs 4.0 (Adam-mini) over seeds
+    assert "0.1000 nats below AdamW" in s["sentence"] and "within noise" in s["sentence"]
+    clear = _results([_run("adamw", 1e-3, 0, 4.0), _run("adam_mini", 1e-3, 0, 4.3),
+                      _run("adamw", 1e-3, 1, 4.02), _run("adam_mini", 1e-3, 1, 4.31)])
+    s = oc.summarise(clear, ["adamw", "adam_mini"], 0)
+    assert "above AdamW" in s["sentence"] and "outside the seed spread" in s["sentence"]
     mixed = _results([_run("adamw", 1e-3, 0, 4.0), _run("adam_mini", 1e-3, 0, 3.95),
                       _run("adamw", 1e-3, 1, 4.0), _run("adam_mini", 1e-3, 1, 4.05)])
-    assert "on par" in oc.summarise(mixed, None, 0)["sentence"]
+    assert "within noise" in oc.summarise(mixed, ["adamw", "adam_mini"], 0)["sentence"]
+
+
+def test_variants_name_real_optimizer_options():
+    import models
+    from optim.build import build_optimizer
+
+    config = models.get_config("debug")
+    model = models.build_model(config, device="meta")
+    for name, options in oc.VARIANTS.items():
+        opt = build_optimizer(model, config, options["name"], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                              **{k: v for k, v in options.items() if k != "name"})
+        assert opt is not None, name

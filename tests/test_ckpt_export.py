@@ -101,8 +101,9 @@ def test_hf_check_detects_a_rope_permutation(plain_ckpt, model, tmp_path):
         return w.view(n_heads, c.head_size // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
     for i in range(c.n_layer):
-        sd[f"model.layers.{i}.self_attn.q_proj.weight"] = permute(sd[f"model.layers.{i}.self_attn.q_proj.weight"], c.n_head)
-        sd[f"model.layers.{i}.self_attn.k_proj.weight"] = permute(sd[f"model.layers.{i}.self_attn.k_proj.weight"], c.n_query_groups)
+        q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
+        sd[q] = permute(sd[q], c.n_head)
+        sd[k] = permute(sd[k], c.n_query_groups)
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
     x = tokens(length=64)
     diff = (gpt_logits(model, x) - hf_logits(out, x)).abs().max().item()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 
 from helpers.checkpoints import DATA_POSITION, model_config, random_model, train_config_dict
+from helpers.dist import spawn
 
 WORLD = 2
 STEP = 5
@@ -58,21 +58,25 @@ def _save_new_format(out_dir: str, fsdp, opt, optimizer: str) -> None:
     save_checkpoint(Path(out_dir), STEP, state, meta)
 
 
-def _worker(rank: int, out_dir: str, adamw_dir: str, init_file: str) -> None:
+def _worker(rank: int, world: int, out_dir: str, adamw_dir: str) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from litgpt.model import Block
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, ShardedOptimStateDictConfig
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        ShardedOptimStateDictConfig,
+        ShardedStateDictConfig,
+        StateDictType,
+    )
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from pretrain.step import batch_loss
     from optim.build import build_optimizer
     from optim.state import full_state_dict, save_optimizer
+    from pretrain.step import batch_loss
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     cfg = model_config()
     x = torch.randint(0, cfg.padded_vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
 
@@ -94,50 +98,48 @@ def _worker(rank: int, out_dir: str, adamw_dir: str, init_file: str) -> None:
                                   FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
             return fsdp.state_dict()
 
-    try:
-        # --- Adam-mini: model/ by Fabric's sharded save, optimizer/ by optim/state.py (save.py's layout)
-        fsdp, opt = stepped("adam_mini")
-        _save_new_format(out_dir + "-new", fsdp, opt, "adam_mini")
-        path = os.path.join(out_dir, f"step-{STEP:08d}")
-        save_optimizer(opt, os.path.join(path, "optimizer"))
-        reference = full_state_dict(opt)  # gathered through collectives, not through DCP
-        full = full_model(fsdp)
-        if rank == 0:
-            torch.save(reference, os.path.join(out_dir, "reference_optimizer.pt"))
-            torch.save(full, os.path.join(out_dir, "reference_model.pt"))
-        with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(offload_to_cpu=True)):
-            sd = fsdp.state_dict()
-        dcp.save({"model": sd}, checkpoint_id=os.path.join(path, "model"))
-        torch.save({"rank": rank, "world_size": WORLD, "loader": LOADER, "rng": {}},
-                   os.path.join(path, f"rank-{rank:05d}.pt"))
-        dist.barrier()
-        if rank == 0:
-            _small_files(path, out_dir, "adam_mini", "optimizer")
+    # --- Adam-mini, format 1: model/ by Fabric's sharded save, optimizer/ by optim/state.py
+    fsdp, opt = stepped("adam_mini")
+    _save_new_format(out_dir + "-new", fsdp, opt, "adam_mini")
+    path = os.path.join(out_dir, f"step-{STEP:08d}")
+    save_optimizer(opt, os.path.join(path, "optimizer"))
+    reference = full_state_dict(opt)  # gathered through collectives, not through DCP
+    full = full_model(fsdp)
+    if rank == 0:
+        torch.save(reference, os.path.join(out_dir, "reference_optimizer.pt"))
+        torch.save(full, os.path.join(out_dir, "reference_model.pt"))
+    with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(offload_to_cpu=True)):
+        sd = fsdp.state_dict()
+    dcp.save({"model": sd}, checkpoint_id=os.path.join(path, "model"))
+    torch.save({"rank": rank, "world_size": WORLD, "loader": LOADER, "rng": {}},
+               os.path.join(path, f"rank-{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        _small_files(path, out_dir, "adam_mini", "optimizer")
 
-        # --- AdamW: model and FSDP.optim_state_dict together in model/, as Fabric's sharded save does
-        fsdp, opt = stepped("adamw")
-        _save_new_format(adamw_dir + "-new", fsdp, opt, "adamw")
-        path = os.path.join(adamw_dir, f"step-{STEP:08d}")
-        with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
-                                  FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
-            full_opt = FSDP.optim_state_dict(fsdp, opt)
-        full = full_model(fsdp)
-        if rank == 0:
-            torch.save(full_opt, os.path.join(adamw_dir, "reference_optimizer.pt"))
-            torch.save(full, os.path.join(adamw_dir, "reference_model.pt"))
-        with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(offload_to_cpu=True),
-                                  ShardedOptimStateDictConfig(offload_to_cpu=True)):
-            sd = {"model": fsdp.state_dict(), "optimizer": FSDP.optim_state_dict(fsdp, opt)}
-        dcp.save(sd, checkpoint_id=os.path.join(path, "model"))
-        torch.save({"rank": rank, "world_size": WORLD, "loader": LOADER, "rng": {}},
-                   os.path.join(path, f"rank-{rank:05d}.pt"))
-        dist.barrier()
-        if rank == 0:
-            _small_files(path, adamw_dir, "adamw", "model")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    # --- AdamW: model and FSDP.optim_state_dict together in model/, as Fabric's sharded save does
+    fsdp, opt = stepped("adamw")
+    _save_new_format(adamw_dir + "-new", fsdp, opt, "adamw")
+    path = os.path.join(adamw_dir, f"step-{STEP:08d}")
+    with FSDP.state_dict_type(fsdp, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+        full_opt = FSDP.optim_state_dict(fsdp, opt)
+    full = full_model(fsdp)
+    if rank == 0:
+        torch.save(full_opt, os.path.join(adamw_dir, "reference_optimizer.pt"))
+        torch.save(full, os.path.join(adamw_dir, "reference_model.pt"))
+    with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(offload_to_cpu=True),
+                              ShardedOptimStateDictConfig(offload_to_cpu=True)):
+        sd = {"model": fsdp.state_dict(), "optimizer": FSDP.optim_state_dict(fsdp, opt)}
+    dcp.save(sd, checkpoint_id=os.path.join(path, "model"))
+    torch.save({"rank": rank, "world_size": WORLD, "loader": LOADER, "rng": {}},
+               os.path.join(path, f"rank-{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        _small_files(path, adamw_dir, "adamw", "model")
+    dist.barrier()
+
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +149,7 @@ def fsdp_runs(tmp_path_factory):
     for d in (out, adamw):
         (d / f"step-{STEP:08d}").mkdir(parents=True)
         Path(f"{d}-new").mkdir()
-    mp.start_processes(_worker, args=(str(out), str(adamw), str(root / "init")), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    spawn(_worker, WORLD, str(out), str(adamw))
     return out / f"step-{STEP:08d}", adamw / f"step-{STEP:08d}"
 
 

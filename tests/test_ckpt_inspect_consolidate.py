@@ -13,8 +13,14 @@ from checkpoints_util.consolidate import consolidate
 from checkpoints_util.inspect import inspect_checkpoint
 from checkpoints_util.layout import CheckpointError
 from checkpoints_util.reader import open_checkpoint
-from helpers.checkpoints import (model_config, random_model, save_checkpoint_of, save_format1_plain,
-                                 save_format1_sharded, trained_optimizer)
+from helpers.checkpoints import (
+    model_config,
+    random_model,
+    save_checkpoint_of,
+    save_format1_plain,
+    save_format1_sharded,
+    trained_optimizer,
+)
 
 
 @pytest.fixture(scope="module")

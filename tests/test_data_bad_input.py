@@ -3,22 +3,28 @@ as a single ``error:`` line with exit status 2 -- and never a traceback or silen
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+from test_data_util import (
+    REPO,
+    SAMPLE_TOKENIZER,
+    c4_lines,
+    make_texts,
+    shard_bytes,
+    slimpajama_lines,
+    write_gz,
+    write_zst,
+)
 
 from data.errors import DataError
 from data.loader import build_loader
 from data.prepare import main, prepare_split
 from data.shards import HEADER_SIZE
 from data.tokenizer import train_tokenizer
-from test_data_util import (REPO, SAMPLE_TOKENIZER, c4_lines, make_texts, shard_bytes, slimpajama_lines, write_gz,
-                            write_zst)
 
 GOOD = c4_lines(make_texts(30, seed=5, min_words=100, max_words=300))
 

@@ -8,13 +8,20 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_data_util import (
+    SAMPLE_TOKENIZER,
+    c4_lines,
+    make_texts,
+    reference_stream,
+    slimpajama_lines,
+    write_gz,
+    write_zst,
+)
 
 from data.errors import DataError
 from data.loader import build_loader, val_batches
 from data.prepare import prepare_split
 from data.windows import num_windows
-from test_data_util import (SAMPLE_TOKENIZER, c4_lines, make_texts, reference_stream, slimpajama_lines, write_gz,
-                            write_zst)
 
 L, B = 16, 3
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")

@@ -11,14 +11,26 @@ import textwrap
 
 import numpy as np
 import pytest
+from test_data_util import (
+    MISTRAL,
+    REPO,
+    SAMPLE_TOKENIZER,
+    SHARED,
+    c4_lines,
+    make_texts,
+    reference_stream,
+    shard_bytes,
+    slimpajama_lines,
+    split_tokens,
+    write_gz,
+    write_zst,
+)
 
 from data.errors import DataError
 from data.prepare import main, prepare_split
 from data.readers import expand_sources
 from data.shards import dtype_for_vocab, open_shard, read_header, write_shard
 from data.tokenizer import file_sha256
-from test_data_util import (MISTRAL, REPO, SAMPLE_TOKENIZER, SHARED, c4_lines, make_texts, reference_stream,
-                            shard_bytes, slimpajama_lines, split_tokens, write_gz, write_zst)
 
 
 @pytest.fixture()
@@ -291,7 +303,7 @@ def test_shared_slimpajama_and_c4_of_the_same_text_give_the_same_tokens(tmp_path
     sp_file = SHARED / "corpus" / "slimpajama" / "example_train_0.jsonl.zst"
     with open(sp_file, "rb") as f:
         sp_lines = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(f)).read().split(b"\n")[:40]
-    wanted = {json.loads(l)["text"]: i for i, l in enumerate(sp_lines)}
+    wanted = {json.loads(line)["text"]: i for i, line in enumerate(sp_lines)}
     c4_raw = [None] * len(sp_lines)
     for g in sorted((SHARED / "corpus" / "c4").glob("c4-train.*.json.gz")):
         for line in gzip.open(g).read().split(b"\n"):

@@ -130,7 +130,8 @@ def test_usr1_checkpoint_requeue_resume_equals_straight_run(data_dir, tmp_path, 
     from checkpoints_util.inspect import inspect_checkpoint
 
     info = inspect_checkpoint(run)
-    assert (info["step"], info["tokens_seen"], info["optimizer"]["kind"]) == (STEPS, STEPS * TOKENS_PER_STEP, "adam_mini")
+    assert (info["step"], info["tokens_seen"], info["optimizer"]["kind"]) == \
+        (STEPS, STEPS * TOKENS_PER_STEP, "adam_mini")
     assert ckpt_main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"), "--tokenizer", "auto",
                       "--quiet"]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").is_file()  # found through the data manifest of the run

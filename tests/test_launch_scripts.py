@@ -72,11 +72,11 @@ def test_sbatch_requeue_settings(name):
 
 # ------------------------------------------------------------------------------ launch/train.py
 def _translate(argv, environ):
-    sys.path.insert(0, str(LAUNCH))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(LAUNCH))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_train", LAUNCH / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
     return train.translate(argv, environ), train
 
 

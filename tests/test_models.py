@@ -49,9 +49,9 @@ def test_unknown_name_lists_known_configs():
 
 def test_flops_per_token_by_hand_tinyllama():
     c = get_config("tinyllama-1.1b")
-    d, L, V, I = 2048, 22, 32000, 5632
+    d, L, V, inter = 2048, 22, 32000, 5632
     qkv = (32 + 2 * 4) * 64 * d
-    per_layer_matmul = qkv + d * d + 3 * I * d
+    per_layer_matmul = qkv + d * d + 3 * inter * d
     n_matmul = L * per_layer_matmul + V * d  # lm_head; embedding lookup and norms excluded
     T = 2048
     expected = 6 * n_matmul + 12 * L * 32 * 64 * T

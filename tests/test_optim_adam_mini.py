@@ -10,20 +10,20 @@ from __future__ import annotations
 import copy
 import io
 import os
-import socket
 import threading
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import models
+from helpers.dist import spawn
 from optim.adam_mini import AdamMini
 from optim.build import build_optimizer, optimizer_state_bytes
 from optim.layout import Partition, model_layout
 from optim.memory import adam_mini_state_bytes, adamw_state_bytes, v_entries
 from optim.units import Segment, Unit, units_from_module
+from pretrain.step import batch_loss
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -204,7 +204,7 @@ def test_state_dict_round_trip_continues_exactly():
     buf = io.BytesIO()
     torch.save({"model": model_b.state_dict(), "optim": opt_b.state_dict()}, buf)
     buf.seek(0)
-    saved = torch.load(buf)
+    saved = torch.load(buf, weights_only=True)
     _, model_c = debug_model(seed=123)  # different weights: everything must come from the checkpoint
     model_c.load_state_dict(saved["model"])
     opt_c = AdamMini(units_from_module(model_c), layouts, implementation="eager", lr=0.5, betas=(0.5, 0.5), eps=1.0,
@@ -238,7 +238,7 @@ def test_bf16_params_keep_fp32_state(path):
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    opt.load_state_dict(torch.load(buf))
+    opt.load_state_dict(torch.load(buf, weights_only=True))
     for n, p in model.named_parameters():
         assert p.dtype == torch.bfloat16
         st = opt.state[p]
@@ -619,35 +619,21 @@ def _batches(rank, step, vocab):
     return torch.randint(0, vocab, (2, 17), generator=gen)
 
 
-def _loss(model, batch):
-    logits = model(batch[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-
-
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank, world, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        config, model = debug_model(vocab_size=256)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = build_optimizer(ddp, config, "adam_mini", implementation="eager", **HP)
-        assert all(u.group is None for u in opt.units)
-        for step in range(DDP_STEPS):
-            opt.zero_grad()
-            _loss(ddp, _batches(rank, step, 256)).backward()
-            opt.step()
-        torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears gloo down while another still works
-    finally:
-        dist.destroy_process_group()
+    config, model = debug_model(vocab_size=256)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = build_optimizer(ddp, config, "adam_mini", implementation="eager", **HP)
+    assert all(u.group is None for u in opt.units)
+    for step in range(DDP_STEPS):
+        opt.zero_grad()
+        batch_loss(ddp, _batches(rank, step, 256)).backward()
+        opt.step()
+    torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_ddp_two_processes_equal_single_process_with_averaged_grads(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, 2, str(tmp_path))
     config, model = debug_model(vocab_size=256)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
     opt = AdamMini(units_from_module(model), layouts, implementation="eager", **HP)
@@ -655,12 +641,12 @@ def test_ddp_two_processes_equal_single_process_with_averaged_grads(tmp_path):
         grads = []
         for rank in range(2):
             model.zero_grad()
-            _loss(model, _batches(rank, step, 256)).backward()
+            batch_loss(model, _batches(rank, step, 256)).backward()
             grads.append([p.grad.clone() for p in model.parameters()])
         for p, g0, g1 in zip(model.parameters(), *grads):
             p.grad = (g0 + g1) / 2
         opt.step()
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for n, p in model.named_parameters():
         assert torch.equal(r0[n], r1[n]), n
         assert rel_err(r0[n], p.detach().double()) <= 1e-6, n

@@ -8,41 +8,29 @@ control (the same reference without decay) far from both, so the comparison can 
 """
 from __future__ import annotations
 
-import os
-import socket
-import sys
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
-import _fsdp_worker as worker  # noqa: E402
+from helpers import fsdp_worker as worker
+from helpers.dist import spawn
 
 pytestmark = pytest.mark.slow
 WORLD, STEPS, WD, TOL = 2, 10, 0.5, 1e-6
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _run(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        from optim.adamw import SegmentDecayAdamW
-        from optim.build import build_optimizer
+def _run(rank: int, world: int, out: str) -> None:
+    from optim.adamw import SegmentDecayAdamW
+    from optim.build import build_optimizer
 
-        model = worker.wrap_fsdp1(worker.new_model())
-        opt = build_optimizer(model, worker.config(), "adamw", weight_decay=WD, **HP)
-        assert isinstance(opt, SegmentDecayAdamW), type(opt)
-        worker.train(model, opt, STEPS, rank, WORLD)
-        params = worker.full_params(model, "fsdp1")
-        if rank == 0:
-            torch.save(params, out)
-        dist.barrier()  # no rank tears gloo down while another still works (a race aborted one in CI)
-    finally:
-        dist.destroy_process_group()
+    torch.set_num_threads(1)
+    model = worker.wrap_fsdp1(worker.new_model())
+    opt = build_optimizer(model, worker.config(), "adamw", weight_decay=WD, **HP)
+    assert isinstance(opt, SegmentDecayAdamW), type(opt)
+    worker.train(model, opt, STEPS, rank, world)
+    params = worker.full_params(model, "fsdp1")
+    if rank == 0:
+        torch.save(params, out)
 
 
 def _reference(weight_decay: float) -> dict[str, torch.Tensor]:
@@ -61,12 +49,8 @@ def _max_rel(a: dict, b: dict) -> float:
 
 
 def test_fsdp1_adamw_equals_unsharded_adamw_with_decay_groups(tmp_path):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
     out = str(tmp_path / "params.pt")
-    mp.spawn(_run, args=(port, out), nprocs=WORLD, join=True)
+    spawn(_run, WORLD, out)
     got = torch.load(out, weights_only=True)
 
     ref = _reference(WD)

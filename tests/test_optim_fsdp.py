@@ -2,7 +2,7 @@
 
 CPU, gloo, torch FSDP1 (`device_id=cpu`, `use_orig_params=False`, one unit per litgpt `Block` + root)
 and FSDP2 (`fully_shard` per Block + root on `init_device_mesh("cpu", (W,))`), on the `debug` model
-with a small MLP (see tests/_fsdp_worker.py) so that W=3 cuts a K group, W=4 a Q head, every W a row.
+with a small MLP (see tests/helpers/fsdp_worker.py) so that W=3 cuts a K group, W=4 a Q head, every W a row.
 One spawn per world size (W = 2, 3, 4) runs all variants; the results are asserted here:
 
 - real data: the sharded run on W ranks (each rank its rows of every global batch) vs the single
@@ -29,31 +29,20 @@ One spawn per world size (W = 2, 3, 4) runs all variants; the results are assert
 from __future__ import annotations
 
 import os
-import socket
-import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(__file__))
-import _fsdp_worker as worker  # noqa: E402
+from helpers import fsdp_worker as worker
+from helpers.dist import spawn
 
 pytestmark = pytest.mark.slow
 TOL = 1e-6
 
 
-def _port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _spawn(world: int, tasks: list[dict], out_dir: str) -> dict:
-    mp.spawn(worker.run, args=(world, _port(), out_dir, tasks), nprocs=world, join=True)
-    return torch.load(os.path.join(out_dir, f"result_w{world}.pt"), weights_only=False)
+    spawn(worker.run, world, out_dir, tasks)
+    return torch.load(os.path.join(out_dir, f"result_w{world}.pt"), weights_only=True)
 
 
 BF16 = dict(momentum_dtype="bfloat16")

@@ -14,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+from test_optim_adam_mini import HP, Reference, debug_model, random_grads, rel_err, set_grads
 
 from optim import native
 from optim.adam_mini import AdamMini
@@ -21,7 +22,6 @@ from optim.blocks import Chunk
 from optim.layout import model_layout
 from optim.units import Segment, Unit, units_from_module
 from optim.update import StepHyper
-from test_optim_adam_mini import HP, Reference, debug_model, random_grads, rel_err, set_grads
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native kernel unavailable: {native.unavailable_reason()}")

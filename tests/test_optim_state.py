@@ -11,8 +11,14 @@ import torch
 import models
 from optim.adam_mini import AdamMini
 from optim.layout import Partition, model_layout
-from optim.state import (OptimizerState, full_state_dict, load_optimizer, load_sharded_state_dict, save_optimizer,
-                         sharded_state_dict)
+from optim.state import (
+    OptimizerState,
+    full_state_dict,
+    load_optimizer,
+    load_sharded_state_dict,
+    save_optimizer,
+    sharded_state_dict,
+)
 from optim.units import units_from_module
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.runs import tiny_config
 from pretrain.config import ConfigError, PretrainConfig, iter_options, load_yaml, parse_args
 from pretrain.loop import plan_steps
-from helpers.runs import tiny_config
 from pretrain.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]

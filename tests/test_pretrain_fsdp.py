@@ -114,7 +114,8 @@ def test_stop_under_fsdp_resumes_bitwise_and_on_other_world_sizes(data_dir, tmp_
         if (world, strategy) == (2, "fsdp"):  # the same world size: bitwise
             assert_same_tensors(final(straight), final(run), "checkpoint")
         else:
-            assert_close_tensors(state_tensors(final(straight)), state_tensors(final(run)), RTOL, f"{strategy}{world}: ")
+            assert_close_tensors(state_tensors(final(straight)), state_tensors(final(run)), RTOL,
+                                 f"{strategy}{world}: ")
 
 
 def test_fsdp2_shards_cut_blocks():

@@ -19,7 +19,8 @@ SEED = 42
 def _worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
     from litgpt.model import GPT, Block
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from pretrain.strategy import Plan, _fsdp2_parallelize, materialize

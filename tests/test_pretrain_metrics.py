@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import models
-from pretrain import metrics
 from helpers.runs import tiny_config, train_log
+from pretrain import metrics
 from pretrain.loop import fit
 
 

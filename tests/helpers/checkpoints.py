@@ -122,7 +122,8 @@ def assert_close_tensors(a: dict, b: dict, rtol: float, where: str = "") -> None
 
 
 def tokens(seed: int = 3, length: int = 40) -> torch.Tensor:
-    return torch.randint(0, model_config().padded_vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model_config().padded_vocab_size, (2, length), generator=gen)
 
 
 def logits(model, seed: int = 3, length: int = 40) -> torch.Tensor:

@@ -24,7 +24,7 @@ def _run(rank: int, fn, world: int, port: int, args: tuple) -> None:
 
 
 def spawn(fn, world: int, *args) -> None:
-    """Run `fn(rank, world, *args)` in `world` processes that share a gloo process group (joins; raises if one fails)."""
+    """Run `fn(rank, world, *args)` in `world` processes sharing a gloo process group (joins; raises if one fails)."""
     import torch.multiprocessing as mp
 
     mp.spawn(_run, args=(fn, world, free_port(), args), nprocs=world, join=True)

@@ -1,4 +1,5 @@
-"""Spawned workers for tests/test_optim_fsdp.py (CPU, gloo): FSDP1/FSDP2 Adam-mini vs single process.
+"""Spawned workers for tests/test_optim_fsdp.py and tests/test_optim_adamw_fsdp.py (CPU, gloo): FSDP1/FSDP2
+Adam-mini (and AdamW) vs single process, with the app's loss (`pretrain.step.batch_loss`).
 
 One spawn per world size runs every variant, so the ~10 s process start-up is paid once. Rank 0 also
 runs the single-process reference and writes a results file that the test asserts on.
@@ -17,6 +18,7 @@ from optim.build import build_optimizer, model_units
 from optim.layout import Partition, model_layout
 from optim.state import full_state_dict, load_optimizer, save_optimizer
 from optim.units import canonical_name, local_1d
+from pretrain.step import batch_loss
 
 # The `debug` model with a small MLP: its FSDP1 Block units are cut inside a K group at W=3 and inside
 # a Q head at W=4 (the default `debug` sizes cut no qkv block at any W <= 4); the test asserts it.
@@ -51,17 +53,12 @@ def partition_of(options: dict) -> Partition:
     return Partition(**{k: v for k, v in options.items() if k in ("embedding_blocks", "value_blocks")})
 
 
-def loss_fn(model, tokens):
-    logits = model(tokens[:, :-1])
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
-
-
 def train(model, opt, steps, rank=0, world=1, first=0, synthetic=False):
     """Sharded training: this rank's rows of each global batch (FSDP averages the gradients); with `synthetic`,
     the gradients are then replaced by this rank's pieces of `synthetic_grad` (the same on any sharding)."""
     for t in range(first, first + steps):
         opt.zero_grad(set_to_none=True)
-        loss_fn(model, batch(t, rank, world)).backward()
+        batch_loss(model, batch(t, rank, world)).backward()
         if synthetic:
             put_synthetic_grads(opt, t)
         opt.step()
@@ -79,7 +76,7 @@ def train_reference(model, opt, steps, world, first=0, synthetic=False):
         total = [torch.zeros_like(p) for p in params]
         for r in range(world):
             model.zero_grad(set_to_none=True)
-            loss_fn(model, batch(t, r, world)).backward()
+            batch_loss(model, batch(t, r, world)).backward()
             for acc, p in zip(total, params):
                 acc += p.grad
         for acc, p in zip(total, params):
@@ -96,7 +93,8 @@ def initial_params() -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------- wrapping
 def wrap_fsdp1(model):
     from litgpt.model import Block
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
                 use_orig_params=False, sharding_strategy=ShardingStrategy.FULL_SHARD)
@@ -324,7 +322,7 @@ def task_save(task: dict, rank: int, world: int) -> dict | None:
 def task_load(task: dict, rank: int, world: int) -> dict | None:
     """Load a checkpoint written on another world size / sharding, train 5 more steps, vs uninterrupted."""
     kind, path = task["kind"], task["path"]
-    saved = torch.load(os.path.join(path, "model.pt"), weights_only=False)
+    saved = torch.load(os.path.join(path, "model.pt"), weights_only=True)
     # built with a different weight decay on purpose: load_optimizer must restore the saved hparams
     model, opt = build(kind, world, 0.5, saved["options"], init=saved["params"])
     load_optimizer(opt, os.path.join(path, "optimizer"))
@@ -360,12 +358,10 @@ def run_tasks(tasks, rank: int, world: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- main
-def run(rank: int, world: int, port: int, out_dir: str, tasks) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def run(rank: int, world: int, out_dir: str, tasks) -> None:
+    """`helpers.dist.spawn(run, world, out_dir, tasks)`: every task on every rank; rank 0 saves the results."""
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = run_tasks(tasks, rank, world)
         if rank == 0:
@@ -373,5 +369,3 @@ def run(rank: int, world: int, port: int, out_dir: str, tasks) -> None:
     except Exception:
         traceback.print_exc()
         raise
-    finally:
-        dist.destroy_process_group()
