@@ -81,17 +81,29 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             _publish_mode(p, p.is_dir())
         _publish_mode(tmp, True)
         fsync_tree(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-        tmp.rename(final)
-        fsync_path(final.parent)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        replace_dir(tmp, final, final.parent / f".{final.name}.old-{os.getpid()}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, final: Path, old: Path) -> None:
+    """Rename folder `tmp` to `final`; an existing `final` is moved to `old` first and deleted once the new one is
+    in place (put back if the rename fails). A crash in between leaves `tmp` and `old`, never neither."""
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    had_final = final.exists()
+    if had_final:
+        final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if had_final:
+            old.rename(final)
+        raise
+    fsync_path(final.parent)
+    if had_final:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:

@@ -130,6 +130,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     from optim.build import build_optimizer, optimizer_state_bytes
+    from pretrain.step import batch_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -139,16 +140,14 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         got = {}
         for opt_name in OPTIMIZERS:
             name, options = BUILD_OPTIONS[opt_name]
-            torch.manual_seed(0)
             model = models.build_model(config, device="cpu")
-            models.init_model(model, config.n_layer, config.n_embd)
+            models.init_model(model, config.n_layer, config.n_embd, seed=0)
             model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
                          use_orig_params=False, sharding_strategy=ShardingStrategy.FULL_SHARD)
             opt = build_optimizer(model, config, name, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   **options)
             x = torch.randint(0, config.padded_vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
-            logits = model(x[:, :-1])
-            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)).backward()
+            batch_loss(model, x).backward()
             opt.step()
             params = [p for p in model.parameters()]
             got[opt_name] = optimizer_state_bytes(opt)
@@ -174,7 +173,7 @@ def check_fsdp(world: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/bytes"
         mp.spawn(_fsdp_worker, args=(world, port, out), nprocs=world, join=True)
-        real = [torch.load(f"{out}.rank{r}") for r in range(world)]
+        real = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]
     want = per_gpu_bytes(fsdp_units(models.get_config("debug")), world)
     keys = ("weights", "grads", *OPTIMIZERS)
     for r, got in enumerate(real):

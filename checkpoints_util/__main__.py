@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.DISK
+    except OSError as e:  # a file that could not be read or written: name it
+        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
+        return exits.DISK
     except BrokenPipeError:  # `amp-ckpt inspect ... | head`: stop quietly, as other CLI tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

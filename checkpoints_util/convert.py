@@ -7,9 +7,12 @@ index with a list of parameter names), `model/` + `optimizer/` (FSDP + Adam-mini
 knows them: it reads one in this process (tensors only, `weights_only=True`, DCP metadata through the
 allow-list unpickler) and writes the same state as a format-2 checkpoint (checkpoints_util/store.py).
 
-The data position becomes global (epoch, windows of its order consumed): exact, except that a run whose
-old position lies past the end of an epoch in the new scheme (which counts whole optimizer steps per
-epoch) continues at the next epoch. The RNG state is dropped (training draws no random numbers).
+The data position becomes global (epoch, windows of its order consumed). Format 1 cut epochs into
+micro-batches of world size x batch size windows, the current format into whole optimizer steps of
+`train.global_batch_tokens / data.seq_len` windows: a position inside an optimizer step (only possible when
+a format-1 epoch ended in the middle of one) is rounded up to the next whole step, and a position past the
+last whole step of its epoch continues at the next epoch; the converter says how many windows that skips.
+The RNG state is dropped (training draws no random numbers).
 
 By default a `step-XXXXXXXX` folder is converted in place: the old folder is kept as
 `format1-step-XXXXXXXX/` beside it (delete it once the new one resumed). `--out RUN_DIR` writes the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,13 +41,11 @@ from checkpoints_util.layout import (
 )
 from checkpoints_util.reader import expected_shapes, load_keys, load_model_config
 
-_WRAPPERS = ("_forward_module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
 
 def _name(key: str) -> str:
-    for part in _WRAPPERS:
-        key = key.replace(part, "")
-    return key.removeprefix("module.")
+    from optim.units import canonical_name
+
+    return canonical_name(key)
 
 
 def _torch_load(path: Path):
@@ -87,12 +89,12 @@ def read_format1(path: Path) -> tuple[dict, dict]:
     missing = [n for n in shapes if n not in model or n not in optimizer["exp_avg"]]
     if missing:
         raise CheckpointError(f"{path}: holds no model or optimizer state for {missing[:3]}")
-    data = _data_position(_torch_load(path / "rank-00000.pt")["loader"])
+    data, skipped = _data_position(_torch_load(path / "rank-00000.pt")["loader"], config)
     state = {"model": model, "optimizer": optimizer, "data": data,
              "trainer": {"step": torch.tensor(trainer["step"]), "tokens_seen": torch.tensor(trainer["tokens_seen"])}}
     keep = ("tokens_seen", "world_size", "strategy", "precision", "optimizer", "model_name", "loss", "val_loss",
             "reason")
-    return state, {k: trainer.get(k) for k in keep} | {"converted_from_format": 1}
+    return state, {k: trainer.get(k) for k in keep} | {"converted_from_format": 1, "windows_skipped": skipped}
 
 
 def _optimizer_pt(saved: dict, where: Path) -> dict:
@@ -119,47 +121,69 @@ def _hparams(stored: dict | None, config: dict) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in values.items()}
 
 
-def _data_position(loader: dict) -> dict[str, torch.Tensor]:
-    """Format 1 counted each rank's micro-batches of world_size x batch_size windows; format 2 keeps the
-    epoch and the windows of its order consumed, whatever the world size."""
-    windows = (int(loader["num_tokens"]) - 1) // int(loader["seq_len"])
+def _data_position(loader: dict, config: dict) -> tuple[dict[str, torch.Tensor], int]:
+    """Format 1 counted each rank's micro-batches of world_size x batch_size windows; format 2 keeps the epoch
+    and the windows of its order consumed, in whole optimizer steps (see the module docstring). Returns the
+    state and how many windows the rounding skips."""
+    seq_len = int(loader["seq_len"])
+    windows = (int(loader["num_tokens"]) - 1) // seq_len
     per_batch = int(loader["world_size"]) * int(loader["batch_size"])
     epoch, batches = divmod(int(loader["batches_consumed"]), windows // per_batch)
-    values = dict(epoch=epoch, position=batches * per_batch,
-                  windows_consumed=int(loader["batches_consumed"]) * per_batch,
-                  seed=loader["seed"], shuffle=int(bool(loader["shuffle"])), seq_len=loader["seq_len"],
+    position = batches * per_batch
+    train = config.get("train") or {}
+    step = int(train.get("global_batch_tokens", per_batch * seq_len)) // seq_len  # windows per optimizer step
+    rounded = -(-position // step) * step
+    if rounded > (windows // step) * step:  # past the epoch's last whole step: the next epoch
+        epoch, rounded, skipped = epoch + 1, 0, windows - position
+    else:
+        skipped = rounded - position
+    values = dict(version=2, epoch=epoch, position=rounded,
+                  windows_consumed=int(loader["batches_consumed"]) * per_batch + skipped,
+                  seed=loader["seed"], shuffle=int(bool(loader["shuffle"])), seq_len=seq_len,
                   num_tokens=loader["num_tokens"])
-    return {k: torch.tensor(int(v), dtype=torch.int64) for k, v in values.items()}
+    return {k: torch.tensor(int(v), dtype=torch.int64) for k, v in values.items()}, skipped
 
 
-def convert(path: Path, out_run: Path | None, quiet: bool = False) -> Path:
-    """Convert one format-1 checkpoint; returns the new checkpoint's folder."""
+def _format(path: Path) -> int | None:
     try:
         trainer = json.loads((path / TRAINER_FILE).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / TRAINER_FILE}: unreadable ({e})") from None
-    if trainer.get("format") != 1:
-        raise CheckpointError(f"{path}: checkpoint format {trainer.get('format')!r}; only format 1 needs converting")
-    state, fields = read_format1(path)
-    meta = {"trainer": fields, "config": yaml.safe_load((path / CONFIG_FILE).read_text() or "{}")
-            if (path / CONFIG_FILE).is_file() else {},
-            "model_config": yaml.safe_load((path / MODEL_CONFIG_FILE).read_text())}
-    step = trainer["step"]
+        raise CheckpointError(f"{path / TRAINER_FILE}: unreadable ({' '.join(str(e).split())})") from None
+    return trainer.get("format") if isinstance(trainer, dict) else None
+
+
+def convert(path: Path, out_run: Path | None, quiet: bool = False) -> Path:
+    """Convert one format-1 checkpoint; returns the new checkpoint's folder. Nothing is left behind on errors."""
+    if _format(path) != 1:
+        raise CheckpointError(f"{path}: checkpoint format {_format(path)!r}; only format 1 needs converting")
+    kept = path.with_name(f"format1-{path.name}")
+    if out_run is None and kept.exists():
+        raise CheckpointError(f"{kept}: already exists (an earlier conversion?); move it away first")
+    try:
+        state, fields = read_format1(path)
+        meta = {"trainer": fields, "config": yaml.safe_load((path / CONFIG_FILE).read_text() or "{}")
+                if (path / CONFIG_FILE).is_file() else {},
+                "model_config": yaml.safe_load((path / MODEL_CONFIG_FILE).read_text())}
+    except (OSError, KeyError, TypeError, ValueError, IndexError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: not a readable format-1 checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from None
+    step = int(state["trainer"]["step"])
     if out_run is not None:
         out_run.mkdir(parents=True, exist_ok=True)
         result = store.save_checkpoint(out_run, step, state, meta)
     else:  # in place: build beside it, keep the old folder as format1-step-XXXXXXXX
-        work = path.parent / f".convert-{path.name}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        new = store.save_checkpoint(work, step, state, meta)
-        kept = path.with_name(f"format1-{path.name}")
-        path.rename(kept)
-        new.rename(path.parent / step_dir_name(step))
-        shutil.rmtree(work)
+        work = Path(tempfile.mkdtemp(prefix=f".convert-{path.name}-", dir=path.parent))
+        try:
+            new = store.save_checkpoint(work, step, state, meta)
+            path.rename(kept)
+            new.rename(path.parent / step_dir_name(step))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         result = path.parent / step_dir_name(step)
     if not quiet:
-        print(f"converted {path} (format 1) -> {result}", file=sys.stderr)
+        skipped = fields["windows_skipped"]
+        print(f"converted {path} (format 1) -> {result}" + (f"; the data position moved {skipped} windows on to a "
+                                                           f"whole optimizer step" if skipped else ""), file=sys.stderr)
     return result
 
 
@@ -167,8 +191,7 @@ def run(args) -> int:
     path = Path(args.checkpoint)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
-    todo = [path] if step_of(path) is not None else [p for p in list_checkpoints(path)
-                                                     if json.loads((p / TRAINER_FILE).read_text()).get("format") == 1]
+    todo = [path] if step_of(path) is not None else [p for p in list_checkpoints(path) if _format(p) == 1]
     if not todo:
         raise CheckpointError(f"{path}: holds no checkpoint of format 1")
     for p in todo:

@@ -4,7 +4,9 @@
       step-00001000/        one complete checkpoint (see checkpoints_util/store.py for its contents)
       .tmp-step-00001000/   a checkpoint being written (or left by a run killed while writing it)
       .old-step-00001000/   a checkpoint of the same step being replaced
-      abandoned-<time>/     checkpoints (and log lines) newer than the step a run was resumed from
+      abandoned-<time>-*/   checkpoints (and log lines) newer than the step a run was resumed from
+      damaged-<time>-*/     checkpoints whose files did not verify, set aside by `--resume auto`
+      branch.json           which checkpoint the current branch started from (`--resume PATH`)
       .lock                 held by the running trainer
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ TRAINER_FILE = "trainer.json"
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model_config.yaml"
 LOCK_FILE = ".lock"
+BRANCH_FILE = "branch.json"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 PARTIAL_RE = re.compile(r"^\.(tmp|old)-step-\d{8}$")
 
@@ -54,9 +57,18 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def remove_partial(out_dir: str | Path) -> list[Path]:
-    """Delete `.tmp-step-*` / `.old-step-*` folders left by a run killed mid-save (call on rank 0)."""
+    """Clean up after a run killed mid-save (call on rank 0): a checkpoint killed between replacing `step-N`
+    (moved to `.old-step-N`) and renaming the new one into place gets whichever is complete back as `step-N`;
+    every other `.tmp-step-*` / `.old-step-*` folder is deleted. Returns what was deleted."""
     out_dir = Path(out_dir)
-    gone = [p for p in out_dir.iterdir() if p.is_dir() and PARTIAL_RE.match(p.name)] if out_dir.is_dir() else []
+    if not out_dir.is_dir():
+        return []
+    for old in out_dir.glob(".old-step-*"):
+        final = out_dir / old.name.removeprefix(".old-")
+        tmp = out_dir / f".tmp-{final.name}"
+        if not final.exists():
+            (tmp if (tmp / TRAINER_FILE).is_file() else old).rename(final)
+    gone = [p for p in out_dir.iterdir() if p.is_dir() and PARTIAL_RE.match(p.name)]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone

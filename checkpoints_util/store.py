@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from amp_common.atomic import WriteError, atomic_write_json, atomic_write_text, fsync_path, fsync_tree
+from amp_common.atomic import WriteError, atomic_write_json, atomic_write_text, fsync_tree, replace_dir
+from amp_common.dist import distributed, gather_objects, rank, world
 from amp_common.quiet import quiet_checkpoint_warnings
 from checkpoints_util.layout import (
     CONFIG_FILE,
@@ -51,28 +51,6 @@ from checkpoints_util.layout import (
 )
 
 HASH_CHUNK = 1 << 24
-
-
-# ---------------------------------------------------------------------------------------------- ranks
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _gather(obj: Any) -> list[Any]:
-    """`obj` of every rank (rank order); [obj] in a single process."""
-    if not _distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _first_error(errors: list[BaseException | None]) -> BaseException | None:
@@ -104,7 +82,7 @@ def verify(path: Path) -> str | None:
         return f"{path / TRAINER_FILE}: lists no files to verify"
     problem = None
     for i, (name, want) in enumerate(files):
-        if i % _world() != _rank():
+        if i % world() != rank():
             continue
         f = path / name
         if not f.is_file():
@@ -115,7 +93,7 @@ def verify(path: Path) -> str | None:
             problem = f"{f}: sha256 differs from the one recorded at save time (damaged)"
         if problem:
             break
-    return next((p for p in _gather(problem) if p), None)
+    return next((p for p in gather_objects(problem) if p), None)
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -133,27 +111,27 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], meta: dict[
     final, tmp = out_dir / step_dir_name(step), out_dir / f".tmp-{step_dir_name(step)}"
     error: BaseException | None = None
     try:
-        if _rank() == 0:
+        if rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it (the others wait in the next gather)
         error = e
     _raise_any(error, tmp)
     try:
         with quiet_checkpoint_warnings():
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed())
     except (Exception, CheckpointException) as e:  # DCP reports a failed write on every rank
         error = e
     _raise_any(error, tmp)
     files = {}
     try:
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in _my_files(tmp, _rank())}
-    except OSError as e:
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in _my_files(tmp, rank())}
+    except Exception as e:  # noqa: BLE001
         error = e
-    everyone = _gather((files, error))
+    everyone = gather_objects((files, error))
     _raise_any(_first_error([e for _, e in everyone]), tmp)
-    if _rank() == 0:
+    if rank() == 0:
         try:
             atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(meta["config"], sort_keys=False))
             atomic_write_text(tmp / MODEL_CONFIG_FILE, yaml.safe_dump(meta["model_config"], sort_keys=False))
@@ -166,32 +144,25 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], meta: dict[
                                                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                    "files": dict(sorted(files.items()))}, indent=2)
             _publish(tmp, final)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001
             error = e
-    _raise_any(_gather(error)[0], tmp)
+    _raise_any(gather_objects(error)[0], tmp)
     return final
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename the finished folder into place (replacing a checkpoint of the same step)."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    fsync_path(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    """Rename the finished folder into place (replacing a checkpoint of the same step, which is kept as
+    `.old-step-*` until the new one is there: `layout.remove_partial` puts back whichever is complete)."""
+    replace_dir(tmp, final, final.with_name(f".old-{final.name}"))
 
 
 def _raise_any(error: BaseException | None, tmp: Path) -> None:
     """Collective: if any rank failed, every rank raises (rank 0 removes the partial folder first)."""
-    errors = _gather(None if error is None else _describe(error, tmp))
+    errors = gather_objects(None if error is None else _describe(error, tmp))
     message = next((e for e in errors if e), None)
     if message is None:
         return
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     kind, text = message
     raise (WriteError if kind == "disk" else CheckpointError)(text)
@@ -219,7 +190,8 @@ def prune(out_dir: Path, keep_last: int, protect: set[Path]) -> list[Path]:
     """Delete all but the newest `keep_last` complete checkpoints, never one in `protect` (call on rank 0)."""
     if keep_last <= 0:
         return []
-    stale = [p for p in list_checkpoints(out_dir)[:-keep_last] if p.resolve() not in {q.resolve() for q in protect}]
+    protected = {q.resolve() for q in protect}
+    stale = [p for p in list_checkpoints(out_dir)[:-keep_last] if p.resolve() not in protected]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
@@ -305,7 +277,7 @@ def load_checkpoint(path: Path, state: dict[str, Any], verify_files: bool = True
     read_metadata(path)  # a clear error for a damaged .metadata before DCP's own
     try:
         with quiet_checkpoint_warnings():
-            dcp.load(state, storage_reader=safe_reader(path), no_dist=not _distributed())
+            dcp.load(state, storage_reader=safe_reader(path), no_dist=not distributed())
     except (Exception, CheckpointException) as e:  # DCP raises many kinds
         cause = root_cause(e)
         if isinstance(cause, CheckpointError):

@@ -31,10 +31,9 @@ Which keys are per element and which per block is the optimizer's to say (`ELEME
 
 Note on Lightning Fabric: `FSDPStrategy.save_checkpoint(state)` (sharded) treats every entry that is
 not a module or an optimizer as metadata that rank 0 `torch.save`s into `meta.pt` (Lightning 2.6.6);
-a `ShardedTensor` there would lose the other ranks' pieces. Save the Adam-mini state with DCP
-directly (`save_optimizer`, e.g. into `<ckpt>/optimizer/`), not through `fabric.save`, and never pass
-the optimizer object itself to `fabric.save` under FSDP (FSDP.optim_state_dict cannot handle a
-per-block v).
+a `ShardedTensor` there would lose the other ranks' pieces. The app saves `OptimizerState(opt)` as an entry
+of its own DCP save (checkpoints_util/store.py), never through `fabric.save` (FSDP.optim_state_dict
+cannot handle a per-block v).
 
 Limitations: replicated shards across ranks that also shard (HSDP) are refused in
 `sharded_state_dict`; plain replication (DDP) is fine. `ShardedTensor` is deprecated in favour of

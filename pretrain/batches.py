@@ -7,6 +7,7 @@ to the ranks, so every world size evaluates the same sequences.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def validation_batches(cfg: PretrainConfig, rank: int, world_size: int, vocab_si
         say(f"eval.batches={cfg.eval.batches} x {bs} sequences, but the val split holds {available} sequences "
               f"of {cfg.data.seq_len + 1} tokens: using {available}")
         wanted = available
-    rows = torch.cat([b for b, _ in zip(loader, range(math.ceil(wanted / bs)))])[:wanted]
+    rows = torch.cat(list(itertools.islice(loader, math.ceil(wanted / bs))))[:wanted]
     check_batch(rows, vocab_size, loader)
     mine = rows[rank::world_size]
     n_batches = math.ceil(math.ceil(wanted / world_size) / bs)

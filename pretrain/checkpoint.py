@@ -50,7 +50,7 @@ class ModelState:
 
 
 # the loader state's fields that go into the checkpoint (as int64 scalars: a DCP folder holds tensors only)
-_DATA_FIELDS = ("epoch", "position", "windows_consumed", "seed", "shuffle", "seq_len", "num_tokens")
+_DATA_FIELDS = ("version", "epoch", "position", "windows_consumed", "seed", "shuffle", "seq_len", "num_tokens")
 
 
 class DataState:
@@ -65,7 +65,7 @@ class DataState:
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         state = {k: int(sd[k]) for k in _DATA_FIELDS}
-        state.update(version=self.stream.state_dict()["version"], shuffle=bool(state["shuffle"]), split="train")
+        state.update(shuffle=bool(state["shuffle"]), split="train")
         try:
             self.stream.load_state_dict(state)
         except ValueError as e:

@@ -134,7 +134,7 @@ class SystemConfig:
     precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = "auto"
     """auto = bf16-mixed on GPU, 32-true on CPU"""
     activation_checkpointing: bool = False
-    """recompute each transformer Block in the backward pass (fsdp and fsdp2)"""
+    """recompute each transformer Block in the backward pass (any strategy)"""
     compile: Optional[bool] = None
     """torch.compile each transformer Block; null = true on GPU, false on CPU (where compiling takes
     longer than short runs gain)"""
@@ -212,10 +212,7 @@ def parse_args(argv: list[str]) -> tuple[PretrainConfig, bool]:
     parser = build_parser()
     ns = _parsed(lambda: parser.parse_object(values), config_file or "config", values, [])
     ns = _parsed(lambda: parser.parse_args(argv, namespace=ns), "command line", {}, argv)
-    cfg = parser.instantiate_classes(ns)
-    cfg = PretrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainConfig)})
-    validate(cfg)
-    return cfg, print_only
+    return _finish(parser, ns), print_only
 
 
 def from_dict(values: dict[str, Any], source: str = "dict") -> PretrainConfig:
@@ -223,8 +220,13 @@ def from_dict(values: dict[str, Any], source: str = "dict") -> PretrainConfig:
     _check_keys(values, source)
     parser = build_parser()
     ns = _parsed(lambda: parser.parse_object(values), source, values, [])
-    cfg = parser.instantiate_classes(ns)
-    cfg = PretrainConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PretrainConfig)})
+    return _finish(parser, ns)
+
+
+def _finish(parser, ns) -> PretrainConfig:
+    """The validated PretrainConfig of a parsed namespace."""
+    parsed = parser.instantiate_classes(ns)
+    cfg = PretrainConfig(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(PretrainConfig)})
     validate(cfg)
     return cfg
 

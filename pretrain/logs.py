@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from amp_common.atomic import atomic_write_text
 from pretrain import metrics
 
 LOG_NAME = "train_log.jsonl"
@@ -45,6 +46,11 @@ def read_records(path: Path) -> tuple[list[dict], int]:
     return records, damaged
 
 
+def write_records(path: Path, records: list[dict]) -> None:
+    """A train_log.jsonl holding `records`, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
 class RunLog:
     """Fans each record out to train_log.jsonl, TensorBoard (`<out_dir>/tensorboard`) and the console (rank 0)."""
 
@@ -55,7 +61,10 @@ class RunLog:
         self.tensorboard_dir = Path(out_dir) / "tensorboard" if tensorboard else None
         self._tb = None
         if self.enabled:
-            self._start(resumed_step)
+            try:
+                self._start(resumed_step)
+            except OSError as e:
+                fabric.print(f"warning: {self.path}: cannot rewrite it for the resume ({e.strerror or e})")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -74,14 +83,17 @@ class RunLog:
         if damaged:
             self.fabric.print(f"{self.path}: skipped {damaged} damaged line(s)")
         if damaged or len(kept) != len(records):
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(self.path)
+            write_records(self.path, kept)
 
     def log(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.enabled and self.path is not None:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # rank 0 alone must not stop here (the others would wait for it)
+                self.fabric.print(f"warning: {self.path}: cannot write ({e.strerror or e}); logging to the console "
+                                  f"and TensorBoard only")
+                self.path = None
         if self._tb is not None:
             for key, value in record.items():
                 if key in TB_TAGS and value is not None:

@@ -113,7 +113,7 @@ def setup(cfg: PretrainConfig) -> Run:
 def _build(cfg: PretrainConfig, fabric, p: strategy.Plan, model_config, lock: RunLock) -> Run:
     """Everything after the run folder is ours: the resume choice, model, optimizer, data, state, log."""
     steps = plan_steps(cfg, fabric.world_size)
-    resumed_from = resume.choose(cfg, fabric.print, fabric.global_rank, fabric.barrier)
+    resumed_from = resume.choose(cfg, fabric)
     model = strategy.setup_model(fabric, p, model_config, cfg.seed)
     optimizer = fabric.setup_optimizers(_build_optimizer(cfg, model, model_config))
     vocab = model_config.padded_vocab_size
@@ -259,12 +259,8 @@ def _one_step(run: Run, thr: metrics.Throughput) -> tuple[float, StepResult]:
     try:
         out = train_step(run.fabric, run.model, run.optimizer, micro, o.grad_clip)
     except NonFiniteLossError as e:
-        from checkpoints_util.layout import latest_checkpoint
-
-        raise NonFiniteLossError(
-            f"non-finite training loss at step {state.step + 1} ({e}, lr {lr:.3g}); stopped without updating the "
-            f"weights or saving. The newest checkpoint is {latest_checkpoint(cfg.out_dir) or 'none'}; resume from "
-            f"it with a lower optimizer.lr (or check the data).") from None
+        raise NonFiniteLossError(f"non-finite training loss at step {state.step + 1} ({e}, lr {lr:.3g}); stopped "
+                                 f"without updating the weights or saving. {_advice(cfg)}") from None
     state.step += 1
     state.tokens_seen += run.steps.tokens_per_step
     thr.end_step(run.steps.tokens_per_step)
@@ -286,24 +282,20 @@ def _agreed_stop(fabric, stop: StopRequest) -> int | None:
 
 def _train_record(run: Run, lr: float, grad_norm: float, window: list[float], thr: metrics.Throughput) -> dict:
     """The training record of the logging window that ends at this step (loss: the window's mean)."""
+    from optim.build import optimizer_state_bytes
+
     fabric, state = run.fabric, run.state
     tps, sps = thr.report()
     rec = {"step": state.step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
            "tokens_seen": state.tokens_seen, "tokens_per_s": tps, "tokens_per_s_per_device": tps / fabric.world_size,
            "s_per_step": sps, "max_memory_bytes": metrics.max_memory_bytes(fabric.device),
-           "optimizer_state_bytes": _optimizer_state_bytes(run.optimizer),
+           "optimizer_state_bytes": optimizer_state_bytes(run.optimizer.optimizer),
            "eta_s": (run.steps.total - state.step) * thr.mean_step_seconds()}
     peak = metrics.peak_flops(fabric.device, run.cfg.logging.peak_flops)
     mfu = metrics.mfu(models.flops_per_token(run.model_config, run.cfg.data.seq_len), tps, peak, fabric.world_size)
     if mfu is not None:
         rec["mfu"] = mfu
     return rec
-
-
-def _optimizer_state_bytes(optimizer) -> int:
-    from optim.build import optimizer_state_bytes
-
-    return optimizer_state_bytes(optimizer.optimizer)
 
 
 def save(run: Run, reason: str) -> Path:
@@ -331,15 +323,19 @@ def save(run: Run, reason: str) -> Path:
 
 
 def _check_finite_weights(run: Run) -> None:
-    """Never write NaN/inf weights into a checkpoint (they would be resumed from)."""
-    bad = torch.tensor(float(not all(torch.isfinite(p.detach()).all() for p in run.model.parameters())),
-                       device=run.fabric.device)
-    if run.fabric.all_reduce(bad, reduce_op="sum").item():
-        from checkpoints_util.layout import latest_checkpoint
+    """Never write NaN/inf weights into a checkpoint (they would be resumed from): one flag per rank from its
+    local shards, one all-reduce."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in run.model.parameters()]
+    bad = torch.stack([torch.isfinite(t).all().logical_not() for t in local]).any().to(torch.float64)
+    if run.fabric.all_reduce(bad.to(run.fabric.device), reduce_op="sum").item():
+        raise NonFiniteLossError(f"non-finite weights after step {run.state.step}: not saved. {_advice(run.cfg)}")
 
-        raise NonFiniteLossError(f"non-finite weights after step {run.state.step}: not saved. The newest checkpoint "
-                                 f"is {latest_checkpoint(run.cfg.out_dir) or 'none'}; resume from it with a lower "
-                                 f"optimizer.lr (or check the data).")
+
+def _advice(cfg: PretrainConfig) -> str:
+    from checkpoints_util.layout import latest_checkpoint
+
+    return (f"The newest checkpoint is {latest_checkpoint(cfg.out_dir) or 'none'}; resume from it with a lower "
+            f"optimizer.lr (or check the data).")
 
 
 def _stopped(run: Run, signum: int) -> Result:

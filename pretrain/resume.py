@@ -1,25 +1,29 @@
 """Which checkpoint a run continues from (`--resume auto | none | PATH`), decided the same way on every rank.
 
-- auto: the newest checkpoint of out_dir whose files verify (sha256 against trainer.json); a damaged one
-  is skipped with a line saying so, and the next older one is tried.
+- auto: the newest checkpoint of out_dir whose files verify (sha256 against trainer.json). A damaged one is
+  moved to `out_dir/damaged-<time>/` (not deleted) with a line saying so, and the next older one is tried.
 - PATH: that checkpoint, which must verify. Checkpoints of out_dir at or past its step belong to the run
   being abandoned: they (and its train_log.jsonl lines past the step) are moved, not deleted, to
-  `out_dir/abandoned-<time>/`, so keep-last and a later `--resume auto` only see the new branch.
+  `out_dir/abandoned-<time>/`, and `out_dir/branch.json` records the branch. Running the same command again
+  (a requeue, a crash) then continues the branch like auto instead of branching again from PATH; to branch
+  from PATH once more, delete branch.json.
+Rank 0 moves files; its problems reach every rank (broadcast), so no rank waits for one that failed.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from checkpoints_util import store
-from checkpoints_util.layout import CheckpointError, is_complete, list_checkpoints, step_of
+from checkpoints_util.layout import BRANCH_FILE, CheckpointError, is_complete, list_checkpoints, step_of
 from pretrain.config import ConfigError, PretrainConfig
-from pretrain.logs import LOG_NAME, read_records
+from pretrain.logs import LOG_NAME, read_records, write_records
 
 
-def choose(cfg: PretrainConfig, say, rank: int, barrier) -> Path | None:
+def choose(cfg: PretrainConfig, fabric) -> Path | None:
     """The checkpoint to load (None: start fresh). Collective: verification is shared by the ranks."""
     out_dir = Path(cfg.out_dir)
     if cfg.resume == "none":
@@ -29,53 +33,88 @@ def choose(cfg: PretrainConfig, say, rank: int, barrier) -> Path | None:
                               f"--resume auto to continue that run, or another --out_dir")
         return None
     if cfg.resume == "auto":
-        return _newest_that_verifies(out_dir, say)
+        return _newest_that_verifies(out_dir, fabric)
     path = Path(cfg.resume)
     if not is_complete(path):
         raise ConfigError(f"resume={path}: not a complete checkpoint (a step-XXXXXXXX folder with trainer.json)")
+    branch = _read_branch(out_dir)
+    if branch.get("from") == str(path.resolve()):
+        newest = _newest_that_verifies(out_dir, fabric)
+        if newest is not None and step_of(newest) >= branch["step"]:
+            fabric.print(f"continuing the branch started from {path} ({out_dir / BRANCH_FILE}): {newest.name}")
+            return newest
     problem = store.verify(path)
     if problem:
         raise CheckpointError(problem)
-    if rank == 0:
-        _move_aside_newer(out_dir, path, say)
-    barrier()
+    _on_rank0(fabric, lambda: _branch(out_dir, path, fabric.print))
     return path
 
 
-def _newest_that_verifies(out_dir: Path, say) -> Path | None:
-    candidates = list_checkpoints(out_dir)
-    skipped = []
-    for path in reversed(candidates):
+def _on_rank0(fabric, work) -> None:
+    """Run `work` on rank 0; every rank raises if it failed (one line), none waits for a failed rank 0."""
+    problem = None
+    if fabric.global_rank == 0:
+        try:
+            work()
+        except OSError as e:
+            problem = f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        raise CheckpointError(f"could not set the run folder up for the resume: {problem}")
+
+
+def _newest_that_verifies(out_dir: Path, fabric) -> Path | None:
+    damaged = []
+    for path in reversed(list_checkpoints(out_dir)):
         try:
             problem = store.verify(path)
         except CheckpointError as e:
+            if "format 1" in str(e):
+                raise  # not damaged: it needs `amp-ckpt convert`
             problem = str(e)
         if problem is None:
-            if skipped:
-                say(f"resuming from {path.name}, the newest checkpoint that verifies")
+            if damaged:
+                fabric.print(f"resuming from {path.name}, the newest checkpoint that verifies")
+                _on_rank0(fabric, lambda: fabric.print(f"moved the damaged checkpoints to "
+                                                       f"{_set_aside(out_dir, 'damaged', damaged)}"))
             return path
-        say(f"skipping checkpoint {path.name}: {problem}")
-        skipped.append(path.name)
-    if skipped:
-        raise CheckpointError(f"{out_dir}: no checkpoint verifies ({', '.join(skipped)}); move them away and use "
-                              f"--resume none to start over, or --resume PATH")
+        fabric.print(f"skipping checkpoint {path.name}: {problem}")
+        damaged.append(path)
+    if damaged:
+        raise CheckpointError(f"{out_dir}: no checkpoint verifies ({', '.join(p.name for p in damaged)}); move them "
+                              f"away and use --resume none to start over, or --resume PATH")
     return None
 
 
-def _move_aside_newer(out_dir: Path, start: Path, say) -> None:
+def _set_aside(out_dir: Path, kind: str, paths: list[Path]) -> Path:
+    """Move `paths` into a new `out_dir/<kind>-<time>-XXXX/` folder; returns it."""
+    aside = Path(tempfile.mkdtemp(prefix=time.strftime(f"{kind}-%Y%m%d-%H%M%S-"), dir=out_dir))
+    for p in paths:
+        shutil.move(str(p), str(aside / p.name))
+    return aside
+
+
+def _branch(out_dir: Path, start: Path, say) -> None:
     """Move the checkpoints of out_dir at or past `start`'s step (other than `start`) and the log lines past
-    it into `out_dir/abandoned-<time>/`."""
+    it into `out_dir/abandoned-<time>/`; record the branch in branch.json."""
     step = step_of(start)
     newer = [p for p in list_checkpoints(out_dir) if step_of(p) >= step and p.resolve() != start.resolve()]
     records, _ = read_records(out_dir / LOG_NAME)
     later = [r for r in records if r["step"] > step]
-    if not newer and not later:
-        return
-    aside = out_dir / time.strftime("abandoned-%Y%m%d-%H%M%S")
-    aside.mkdir()
-    for p in newer:
-        shutil.move(str(p), str(aside / p.name))
-    if later:
-        (aside / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in later))
-    say(f"resuming from {start} (step {step}): moved the abandoned run's newer checkpoints "
-        f"({', '.join(p.name for p in newer) or 'none'}) and its {len(later)} later log lines to {aside}")
+    if newer or later:
+        aside = _set_aside(out_dir, "abandoned", newer)
+        if later:
+            write_records(aside / LOG_NAME, later)
+        say(f"resuming from {start} (step {step}): moved the abandoned run's newer checkpoints "
+            f"({', '.join(p.name for p in newer) or 'none'}) and its {len(later)} later log lines to {aside}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BRANCH_FILE).write_text(json.dumps({"from": str(start.resolve()), "step": step,
+                                                   "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+def _read_branch(out_dir: Path) -> dict:
+    try:
+        branch = json.loads((out_dir / BRANCH_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return branch if isinstance(branch, dict) and isinstance(branch.get("step"), int) else {}

@@ -30,7 +30,7 @@ LOADER = {"version": 1, "batches_consumed": 3, "seed": 42, "shuffle": True, "seq
 
 
 def _small_files(path: str, out_dir: str, optimizer: str, optimizer_file: str) -> None:
-    """What rank 0 of save.py writes besides the DCP folders."""
+    """What rank 0 wrote in format 1 besides the DCP folders."""
     torch.save({}, os.path.join(path, "model", "meta.pt"))  # Lightning's metadata file
     with open(os.path.join(path, "model_config.yaml"), "w") as f:
         yaml.safe_dump(dataclasses.asdict(model_config()), f, sort_keys=False)

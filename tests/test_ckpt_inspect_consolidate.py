@@ -123,3 +123,24 @@ def test_format1_is_refused_with_the_converter_named_then_converts(layout, train
 
     data = {k: int(v) for k, v in checkpoint_tensors(new.path).items() if k.startswith("data.")}
     assert (data["data.epoch"], data["data.position"], data["data.seed"]) == (0, 56, 42)
+
+
+def test_format1_position_inside_an_optimizer_step_converts_to_a_loadable_one(data_dir):
+    """Format 1 cut epochs into micro-batches; with gradient accumulation an old epoch can end inside an
+    optimizer step. The converted position is rounded up to a whole step, and the loader takes it."""
+    from checkpoints_util.convert import _data_position
+    from data.loader import build_loader
+
+    per_micro = 2 * 4  # format 1: world size 2 x batch size 4
+    first = build_loader(data_dir, "train", 32, 4, world_size=2, seed=3)
+    old_epoch = first.windows_per_epoch // per_micro  # micro-batches of a format-1 epoch
+    accum = next(a for a in range(2, 10) if old_epoch % a)  # an epoch that ends inside an optimizer step
+    G = per_micro * accum
+    old = {"version": 1, "batches_consumed": old_epoch + 2, "seed": 3, "shuffle": True, "seq_len": 32,
+           "batch_size": 4, "world_size": 2, "num_tokens": first.num_tokens, "split": "train"}
+    state, skipped = _data_position(old, {"train": {"global_batch_tokens": G * 32}})
+    position = int(state["position"])
+    assert int(state["epoch"]) == 1 and position == G and skipped == G - 2 * per_micro
+    loader = build_loader(data_dir, "train", 32, 4, world_size=2, seed=3, global_batch=G)
+    loader.load_state_dict({**{k: int(v) for k, v in state.items()}, "shuffle": True, "split": "train"})
+    assert loader.batches_consumed == loader.steps_per_epoch + position // per_micro

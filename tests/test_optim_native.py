@@ -205,8 +205,7 @@ def test_optimizer_native_resume_equals_uninterrupted_run():
         assert torch.equal(opt_a.state[pa]["exp_avg_sq"], opt_c.state[pc]["exp_avg_sq"]), n
 
 
-def test_auto_is_native_on_cpu_and_no_environment_variable_changes_it(monkeypatch):
-    monkeypatch.setenv("ADAM_MINI_FAST", "0")  # the switch this option replaced: it must have no effect
+def test_auto_is_native_on_cpu():
     config, model = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
     default = AdamMini(units_from_module(model), layouts, **HP)

@@ -155,3 +155,65 @@ def test_compiled_blocks_match_eager_under_fsdp(data_dir, tmp_path):
     assert sorted(runs[True]) == list(range(1, 21))
     for s in runs[False]:
         assert abs(runs[True][s] - runs[False][s]) <= 1e-4 * abs(runs[False][s]), (s, runs[True][s], runs[False][s])
+
+
+# ------------------------------------------------------------------------------ extended (not in the default run)
+def _kill_all(proc, signum) -> None:
+    """Signal every rank: Fabric's launcher makes the other ranks children in the run's process group."""
+    import os
+
+    os.killpg(proc.pid, signum)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("fault", ["kill_mid_step", "kill_mid_save", "sigterm"])
+def test_fsdp_run_survives_kill_9_and_sigterm_bitwise(fault, data_dir, tmp_path, fsdp2ranks):
+    """Under FSDP on 2 ranks: kill -9 between checkpoints, kill -9 while a checkpoint is being written, and
+    SIGTERM (save, exit 143): `--resume auto` ends bitwise where the uninterrupted run ends."""
+    import signal
+
+    from helpers.runs import popen_pretrain, read_until
+
+    run = tmp_path / "run"
+    cfg = config(data_dir, run, 2)
+    faults = "hang_in_save=8" if fault == "kill_mid_save" else ""
+    proc = popen_pretrain(cli_args(cfg), faults)
+    lines: list[str] = []
+    try:
+        if fault == "kill_mid_step":
+            assert read_until(proc, "step      6/8", lines), "".join(lines)
+            _kill_all(proc, signal.SIGKILL)
+        elif fault == "kill_mid_save":
+            assert read_until(proc, "publishing step 8", lines), "".join(lines)
+            _kill_all(proc, signal.SIGKILL)
+        else:
+            assert read_until(proc, "step      5/8", lines), "".join(lines)
+            _kill_all(proc, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    if fault == "sigterm":
+        assert proc.returncode == 143, "".join(lines)
+    else:
+        assert proc.returncode == -signal.SIGKILL
+        assert latest_checkpoint(run).name == "step-00000004"  # the save of step 8 never completed
+    out = launch(cfg)
+    assert "resumed from" in out
+    assert_same_tensors(final(fsdp2ranks / "run"), final(run), "checkpoint")
+    assert logged_losses(run) == logged_losses(fsdp2ranks / "run")
+
+
+@pytest.mark.extended
+def test_fsdp_nan_stop_and_accumulation(data_dir, tmp_path, single):
+    """A NaN loss under FSDP stops every rank with exit 1 and saves nothing after the last good checkpoint;
+    6 micro-batches of 1 per rank equal 1 micro-batch of 6 (gradient accumulation under FSDP)."""
+    code, out = run_pretrain(cli_args(config(data_dir, tmp_path / "nan", 2)), faults="nan_at=6")
+    assert code == 1 and "non-finite training loss at step 6" in out, out
+    assert latest_checkpoint(tmp_path / "nan").name == "step-00000004"
+    losses = {}
+    for micro in (1, 6):
+        run = tmp_path / f"micro{micro}"
+        launch(config(data_dir, run, 2, train__micro_batch_size=micro))
+        losses[micro] = logged_losses(run)
+    for s in range(1, STEPS + 1):
+        assert abs(losses[1][s] - losses[6][s]) <= 2e-5 * abs(losses[6][s]), (s, losses[1][s], losses[6][s])

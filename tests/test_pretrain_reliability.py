@@ -40,7 +40,7 @@ def steps_in(out_dir: Path) -> list[int]:
     return [int(p.name[5:]) for p in list_checkpoints(out_dir)]
 
 
-def test_resuming_an_older_checkpoint_branches_without_losing_the_newer_run(data_dir, tmp_path, faults):
+def test_resuming_an_older_checkpoint_branches_without_losing_the_newer_run(data_dir, tmp_path, faults, capsys):
     out = tmp_path / "br"
     old = fit(tiny_config(data_dir, out, train__max_steps=12, checkpoint__interval=2))
     assert steps_in(out) == [2, 4, 6, 8, 10, 12]
@@ -58,14 +58,47 @@ def test_resuming_an_older_checkpoint_branches_without_losing_the_newer_run(data
     from checkpoints_util.store import verify
 
     assert verify(aside[0] / "step-00000012") is None  # the abandoned run's newest checkpoint, intact
-    # resume auto continues the branch (its step 10), and the log holds each step once
+    # the same command again (a requeue) continues the branch (its step 10) instead of branching once more,
+    # and the log holds each step once
     faults(stop_at=0)
-    again = fit(tiny_config(data_dir, out, train__max_steps=12, checkpoint__interval=2, checkpoint__keep_last=2,
-                            optimizer__lr=1e-3, optimizer__min_lr=1e-4))
+    again = fit(branch)
     assert sorted(again.losses) == [11, 12]
+    assert len([p for p in out.iterdir() if p.name.startswith("abandoned-")]) == 1
     steps = [r["step"] for r in train_log(out) if "loss" in r]
     assert steps == list(range(1, 13))
     assert logged_losses(out)[8] != old.losses[8]  # the branch's own values after its first update
+    assert capsys.readouterr().out.count("continuing the branch started from") == 1
+
+
+def test_a_checkpoint_replaced_mid_rename_is_put_back(tmp_path, monkeypatch):
+    """Saving a step again moves the old folder aside before the new one is renamed into place: a crash
+    in between (or a failing rename) must leave one complete checkpoint of that step, never none."""
+    from pathlib import Path as P
+
+    from amp_common.atomic import replace_dir
+    from checkpoints_util.layout import remove_partial
+
+    def complete(folder, text):
+        folder.mkdir()
+        (folder / "trainer.json").write_text(text)
+
+    out = tmp_path
+    complete(out / ".old-step-00000004", "old")   # killed after step-4 was moved aside ...
+    complete(out / ".tmp-step-00000004", "new")   # ... and before the new one was renamed
+    complete(out / ".old-step-00000006", "old6")  # killed before the new step-6 was complete
+    (out / ".tmp-step-00000006").mkdir()
+    remove_partial(out)
+    assert sorted(p.name for p in out.iterdir()) == ["step-00000004", "step-00000006"]
+    assert (out / "step-00000004" / "trainer.json").read_text() == "new"
+    assert (out / "step-00000006" / "trainer.json").read_text() == "old6"
+
+    complete(out / "new", "newer")
+    real = P.rename
+    monkeypatch.setattr(P, "rename", lambda self, dst: (_ for _ in ()).throw(OSError(28, "No space left"))
+                        if self.name == "new" else real(self, dst))
+    with pytest.raises(OSError):
+        replace_dir(out / "new", out / "step-00000004", out / ".old-step-00000004")
+    assert (out / "step-00000004" / "trainer.json").read_text() == "new"  # rolled back
 
 
 def flip_bytes(path: Path, value: int) -> None:
@@ -110,7 +143,8 @@ def test_nan_weights_are_never_saved(data_dir, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(loop, "_one_step", poison)
     code, err = run_main(capsys, tiny_config(data_dir, out, train__max_steps=6, checkpoint__interval=5))
-    assert code == 1 and "non-finite weights after step 5: not saved" in err and "step-00000003" not in err, err
+    assert code == 1 and "non-finite weights after step 5: not saved" in err, err
+    assert "The newest checkpoint is none" in err  # step 5 would have been the first
     assert steps_in(out) == [] and not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
@@ -147,6 +181,7 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_until_the_first_dies(da
 
 @pytest.mark.parametrize("damage, needle", [
     ("truncate", "bytes when saved (truncated or damaged)"),
+    ("missing_file", "__0_0.distcp: missing"),
     ("no_metadata", ".metadata: missing"),
     ("junk_trainer", "trainer.json: unreadable"),
     ("empty_trainer", "trainer.json: not a trainer state"),
@@ -160,6 +195,8 @@ def test_damaged_checkpoints_are_one_line_exit_2(damage, needle, data_dir, tmp_p
     marker = tmp_path / "pwned"
     if damage == "truncate":
         (ck / "__0_0.distcp").write_bytes((ck / "__0_0.distcp").read_bytes()[:1000])
+    elif damage == "missing_file":
+        (ck / "__0_0.distcp").unlink()
     elif damage == "no_metadata":
         (ck / ".metadata").unlink()
     elif damage == "junk_trainer":
@@ -188,6 +225,7 @@ def test_damaged_checkpoints_are_one_line_exit_2(damage, needle, data_dir, tmp_p
 
 @pytest.mark.parametrize("problem, needle", [
     ("no_manifest", "manifest"),
+    ("unfinished_prepare", "manifest"),
     ("truncated_shard", ".bin"),
     ("too_little_data", "too little data"),
 ])
@@ -199,6 +237,9 @@ def test_bad_data_is_one_line_exit_2(problem, needle, data_dir, tmp_path, capsys
     cfg = tiny_config(data, tmp_path / "run", train__max_steps=3)
     if problem == "no_manifest":
         (data / "train" / "manifest.json").unlink()
+    elif problem == "unfinished_prepare":
+        manifest = json.loads((data / "train" / "manifest.json").read_text())
+        (data / "train" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     elif problem == "truncated_shard":
         shard = sorted((data / "train").glob("*.bin"))[0]
         shard.write_bytes(shard.read_bytes()[:100])
@@ -213,7 +254,17 @@ def test_out_dir_that_is_a_file_and_a_full_disk_are_one_line(data_dir, tmp_path,
     afile = tmp_path / "afile"
     afile.write_text("x")
     code, err = run_main(capsys, tiny_config(data_dir, afile, train__max_steps=2))
-    assert code == 2 and err.startswith(f"error: {afile}: ") and "out_dir" in err, err
+    assert code == 2 and err == f"error: {afile}: cannot use it as out_dir (is a file, not a folder)", err
+
+    from pretrain import lock
+
+    def refuse(path, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    with monkeypatch.context() as m:  # root may write anywhere: make the folder refuse the lock file
+        m.setattr(lock.os, "open", refuse)
+        code, err = run_main(capsys, tiny_config(data_dir, tmp_path / "locked", train__max_steps=2))
+    assert code == 2 and err == f"error: {tmp_path / 'locked'}: cannot use it as out_dir (Permission denied)", err
 
     import torch.distributed.checkpoint.filesystem as fs
 

@@ -64,8 +64,8 @@ def train_config_dict(out_dir, data_dir=None) -> dict:
     return cfg.to_dict()
 
 
-DATA_POSITION = {"epoch": 0, "position": 5, "windows_consumed": 5, "seed": 42, "shuffle": 1, "seq_len": 256,
-                 "num_tokens": 10_000}
+DATA_POSITION = {"version": 2, "epoch": 0, "position": 5, "windows_consumed": 5, "seed": 42, "shuffle": 1,
+                 "seq_len": 256, "num_tokens": 10_000}
 
 
 def save_checkpoint_of(out_dir: Path, step: int, model, optimizer, tokens_seen: int, data_dir=None) -> Path:

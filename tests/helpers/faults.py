@@ -16,9 +16,27 @@ import signal
 
 
 def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SIGUSR1,
-            no_block_allreduce: int = 0) -> None:
-    """`setattr_` is monkeypatch.setattr (or plain setattr): how the wrappers are put in place."""
+            no_block_allreduce: int = 0, hang_in_save: int = 0) -> None:
+    """`setattr_` is monkeypatch.setattr (or plain setattr): how the wrappers are put in place.
+
+    `hang_in_save=S`: rank 0 prints "publishing step S" and sleeps before it renames the finished checkpoint of
+    step S into place (a kill -9 then hits a save in progress)."""
     from pretrain import loop, step
+
+    if hang_in_save:
+        import time
+
+        from checkpoints_util import store
+
+        real_publish = store._publish
+
+        def publish(tmp, final):
+            if final.name == f"step-{hang_in_save:08d}":
+                print(f"publishing step {hang_in_save}", flush=True)
+                time.sleep(600)
+            return real_publish(tmp, final)
+
+        setattr_(store, "_publish", publish)
 
     if no_block_allreduce:
         import types

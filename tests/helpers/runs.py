@@ -64,7 +64,7 @@ def popen_pretrain(args: list[str], faults: str = "", record: Path | None = None
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "AMP_TEST_FAULTS": faults, "AMP_TEST_RECORD": str(record or "")}
     cmd = [sys.executable, str(FAULT_RUN)] if faults or record else [sys.executable, "-m", "pretrain"]
     return subprocess.Popen([*cmd, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)  # its own process group: signals reach every rank
 
 
 def run_pretrain(args: list[str], faults: str = "", record: Path | None = None, timeout: float = 600
