@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from amp_common.dist import distributed
 from amp_common.quiet import quiet_checkpoint_warnings
 from optim.units import local_1d
 
@@ -111,10 +112,6 @@ def _set_hparams(optimizer, hp: Mapping[str, Any]) -> None:
     optimizer.set_weight_decay(v["weight_decay"])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 # --------------------------------------------------------------------------------------------------
 # Sharded (DCP) state dict
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +154,7 @@ def sharded_state_dict(optimizer, layouts: Mapping | None = None) -> dict[str, A
                 out[key][e["name"]] = views[0][2]
     for key in element_keys:
         if pieces[key]:
-            if not _distributed():
+            if not distributed():
                 raise RuntimeError("sharded optimizer units but torch.distributed is not initialised")
             numel = {e["name"]: e["numel"] for e in entries}
             dtype = {e["name"]: _state(optimizer, e["unit"])[key].dtype for e in entries}
@@ -272,7 +269,7 @@ def full_state_dict(optimizer, layouts: Mapping | None = None, rank0_only: bool 
     """
     entries = _entries(optimizer, layouts)
     element_keys, block_keys = _kinds(optimizer)
-    rank = dist.get_rank() if _distributed() else 0
+    rank = dist.get_rank() if distributed() else 0
     keep = rank == 0 or not rank0_only
     out: dict[str, Any] = {key: {} for key in (*element_keys, *block_keys, "step")}
     out["hparams"] = _hparams(optimizer)
@@ -354,7 +351,7 @@ def save_optimizer(optimizer, path, layouts: Mapping | None = None) -> None:
     import torch.distributed.checkpoint as dcp
     with quiet_checkpoint_warnings():
         dcp.save({"optimizer": sharded_state_dict(optimizer, layouts)}, checkpoint_id=str(path),
-                 no_dist=not _distributed())
+                 no_dist=not distributed())
 
 
 def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams: bool = True) -> None:
@@ -362,5 +359,5 @@ def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams
     import torch.distributed.checkpoint as dcp
     with quiet_checkpoint_warnings():
         sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
-        dcp.load(sd, checkpoint_id=str(path), no_dist=not _distributed())
+        dcp.load(sd, checkpoint_id=str(path), no_dist=not distributed())
     load_sharded_state_dict(optimizer, sd["optimizer"], layouts, load_hparams=load_hparams)
