@@ -2,10 +2,11 @@
 
 The bytes go to a hidden temporary name in the destination's folder (same filesystem, so the final rename
 is atomic), are fsync'd, and only then renamed into place; on any error the temporary is removed and the
-destination is untouched. A process killed in between leaves at most a hidden `.*.tmp*` entry.
+destination is untouched. A process killed in between leaves at most a hidden `.<name>.<random>.tmp` entry.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,21 +53,31 @@ def _publish_mode(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _fsync_file(path: Path) -> None:
+    """fsync a written file; unlike a folder's, a file's fsync error (no space, I/O) is the write's error."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in `final`'s folder; it replaces `final` when the block ends without an error."""
     final = Path(final)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         _publish_mode(tmp, False)
-        fsync_path(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, final)
         fsync_path(final.parent)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -74,7 +85,7 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes `final` (replacing it) when the block ends without an error."""
     final = Path(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
         for p in tmp.rglob("*"):

@@ -232,7 +232,9 @@ def check_identical(results: dict[str, dict]) -> None:
 # ---------------------------------------------------------------------------------------------- report
 def summarise(results: dict[str, dict], variants: list[str], seed: int) -> dict:
     """Per variant: best lr (seed `seed`), finals over seeds at that lr, and the gap to the baseline (AdamW, or
-    the first variant): best vs best, paired by seed, and the seed spread."""
+    the first variant): best vs best, paired by seed (each seed is its own initial weights and data order, so
+    the pair removes what the seed changes for both), the spread of those paired gaps, and the seed spread of
+    the final losses themselves."""
     base = BASELINE if BASELINE in variants else variants[0]
     best = {v: best_of(results, v, seed) for v in variants}
     finals = {v: {r["spec"]["seed"]: r["final_val"] for r in runs_of(results, v, lr=best[v]["spec"]["lr"])}
@@ -242,26 +244,28 @@ def summarise(results: dict[str, dict], variants: list[str], seed: int) -> dict:
         if v == base:
             continue
         paired = [finals[v][s] - finals[base][s] for s in sorted(finals[v]) if s in finals[base]]
-        spread = max((max(f.values()) - min(f.values()) for f in (finals[v], finals[base]) if len(f) > 1), default=None)
+        final_spread = max((max(f.values()) - min(f.values()) for f in (finals[v], finals[base]) if len(f) > 1),
+                           default=None)
         gaps[v] = dict(best_vs_best=best[v]["final_val"] - best[base]["final_val"], paired=paired,
-                       mean=sum(paired) / len(paired) if paired else None, spread=spread)
+                       mean=sum(paired) / len(paired) if paired else None,
+                       spread=max(paired) - min(paired) if len(paired) > 1 else None, final_spread=final_spread)
     sentences = [_verdict(v, base, best, gaps[v]) for v in variants if v != base]
     return dict(baseline=base, best=best, finals=finals, gaps=gaps, sentence=" ".join(sentences))
 
 
 def _verdict(v: str, base: str, best: dict, g: dict) -> str:
+    """One sentence: the mean paired gap, and whether it stands out of the seed-to-seed spread of the gap (the
+    same sign on every seed and larger than max - min of the paired gaps), or is within noise."""
     mean = g["mean"] if g["mean"] is not None else g["best_vs_best"]
     text = (f"{LABEL[v]} (lr {best[v]['spec']['lr']:g}) ends {abs(mean):.4f} nats "
             f"{'above' if mean > 0 else 'below'} {LABEL[base]} (lr {best[base]['spec']['lr']:g})")
-    if len(g["paired"]) > 1:
-        text += f", paired over {len(g['paired'])} seeds: {', '.join(f'{p:+.4f}' for p in g['paired'])}"
-    if g["spread"] is not None:
-        text += f"; seed spread at a fixed lr up to {g['spread']:.4f}"
-        same_sign = all(p > 0 for p in g["paired"]) or all(p < 0 for p in g["paired"])
-        text += (": within noise." if (not same_sign or abs(mean) <= g["spread"]) else ": outside the seed spread.")
-    else:
-        text += "."
-    return text
+    if g["spread"] is None:
+        return text + " (one seed)."
+    text += (f" on average over {len(g['paired'])} seeds (paired: {', '.join(f'{p:+.4f}' for p in g['paired'])}, "
+             f"spread {g['spread']:.4f}; the final losses themselves move by up to {g['final_spread']:.4f} "
+             f"between seeds)")
+    same_sign = all(p > 0 for p in g["paired"]) or all(p < 0 for p in g["paired"])
+    return text + (": a consistent gap." if same_sign and abs(mean) > g["spread"] else ": within noise.")
 
 
 def table(results: dict[str, dict], summary: dict, variants: list[str], seed: int) -> str:

@@ -12,14 +12,13 @@ Why a header at all: a shard is self-describing and checkable on open (wrong mag
 or a file size that does not equal header + count x itemsize is a `DataError`, never silent garbage).
 uint16 halves disk and page-cache use whenever the vocabulary fits in 65,536 ids.
 
-Writes are atomic: the bytes go to a hidden temporary name in the same folder, are fsync'd, then
-`os.replace`d onto the final name. An interrupted writer therefore leaves at most a ``.*.tmp`` file,
-never a file under a shard name that looks complete.
+Writes are atomic (amp_common.atomic): the bytes go to a hidden temporary name in the same folder, are
+fsync'd, then `os.replace`d onto the final name. An interrupted writer therefore leaves at most a
+``.*.tmp`` file, never a file under a shard name that looks complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from amp_common import atomic
 from data.errors import DataError
 
 MAGIC = b"AMPTOKS\0"
@@ -39,10 +39,6 @@ CODES = {np.dtype("<u2"): 1, np.dtype("<i4"): 2}
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def make_folder(path: str | os.PathLike) -> None:
@@ -58,25 +54,14 @@ def make_folder(path: str | os.PathLike) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
-    """Write `chunks` (bytes-like objects) to `path` via temporary file + fsync + os.replace.
+    """Write `chunks` (bytes-like objects) to `path` atomically (amp_common.atomic).
 
     A failure (disk full, no permission, a folder in the way) removes the temporary file and is a
     DataError naming `path`; `path` itself is then untouched."""
-    path = Path(path)
-    tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise DataError(path, f"cannot write ({e.strerror or e})") from None
-        raise
+        atomic.atomic_write_bytes(path, chunks)
+    except OSError as e:
+        raise DataError(path, f"cannot write ({e.strerror or e})") from None
 
 
 def remove_file(path: str | os.PathLike) -> None:
@@ -88,7 +73,7 @@ def remove_file(path: str | os.PathLike) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, [json.dumps(obj, indent=1, sort_keys=False).encode("utf-8") + b"\n"])
+    atomic_write_bytes(path, [json.dumps(obj, indent=1).encode("utf-8") + b"\n"])
 
 
 def write_shard(path: str | os.PathLike, tokens: np.ndarray, dtype: np.dtype) -> int:

@@ -98,7 +98,7 @@ def test_fabric_run_settings_agree_or_fail():
         train.translate([], {"LT_STRATEGY": "deepspeed"})
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, tmp_path_factory):
     from helpers.data import prepare_small
     from helpers.dist import free_port

@@ -80,7 +80,7 @@ def test_keep_last_partial_folders_and_resume_none(data_dir, tmp_path):
         fit(tiny_config(data_dir, out, resume="none"))
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_ddp_two_ranks_stop_and_resume(data_dir, tmp_path):
     """CPU DDP (gloo, 2 processes): the resumed run ends bitwise equal to the straight one."""
     common = dict(system__devices=2, system__strategy="ddp", train__global_batch_tokens=256, eval__batches=1)

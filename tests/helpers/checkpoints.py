@@ -59,6 +59,7 @@ def train_config_dict(out_dir, data_dir=None) -> dict:
     cfg = PretrainConfig()
     cfg.out_dir = str(out_dir)
     cfg.model.name = CONFIG_NAME
+    cfg.train.global_batch_tokens = 8 * cfg.data.seq_len  # what format 1's loader states below take: 2 ranks x 4
     if data_dir is not None:
         cfg.data.dir = str(data_dir)
     return cfg.to_dict()

@@ -41,10 +41,9 @@ def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SI
     if no_block_allreduce:
         import types
 
-        from optim import adam_mini
+        from optim import eager
 
-        setattr_(adam_mini, "dist", types.SimpleNamespace(all_reduce=lambda *a, **k: None,
-                                                          ReduceOp=adam_mini.dist.ReduceOp))
+        setattr_(eager, "dist", types.SimpleNamespace(all_reduce=lambda *a, **k: None, ReduceOp=eager.dist.ReduceOp))
 
     real_one_step, real_loss = loop._one_step, step.batch_loss
 
