@@ -9,7 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from test_data_util import (
+
+from data.errors import DataError
+from data.loader import build_loader
+from data.prepare import main, prepare_split
+from data.shards import HEADER_SIZE
+from data.tokenizer import train_tokenizer
+from helpers.corpus import (
     REPO,
     SAMPLE_TOKENIZER,
     c4_lines,
@@ -19,12 +25,6 @@ from test_data_util import (
     write_gz,
     write_zst,
 )
-
-from data.errors import DataError
-from data.loader import build_loader
-from data.prepare import main, prepare_split
-from data.shards import HEADER_SIZE
-from data.tokenizer import train_tokenizer
 
 GOOD = c4_lines(make_texts(30, seed=5, min_words=100, max_words=300))
 

@@ -8,7 +8,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from test_data_util import (
+
+from data.errors import DataError
+from data.loader import build_loader, val_batches
+from data.prepare import prepare_split
+from data.windows import num_windows
+from helpers.corpus import (
     SAMPLE_TOKENIZER,
     c4_lines,
     make_texts,
@@ -17,11 +22,6 @@ from test_data_util import (
     write_gz,
     write_zst,
 )
-
-from data.errors import DataError
-from data.loader import build_loader, val_batches
-from data.prepare import prepare_split
-from data.windows import num_windows
 
 L, B = 16, 3
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")

@@ -11,7 +11,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from test_data_util import (
+
+from data.errors import DataError
+from data.prepare import main, prepare_split
+from data.readers import expand_sources
+from data.shards import dtype_for_vocab, open_shard, read_header, write_shard
+from data.tokenizer import file_sha256
+from helpers.corpus import (
     MISTRAL,
     REPO,
     SAMPLE_TOKENIZER,
@@ -25,12 +31,6 @@ from test_data_util import (
     write_gz,
     write_zst,
 )
-
-from data.errors import DataError
-from data.prepare import main, prepare_split
-from data.readers import expand_sources
-from data.shards import dtype_for_vocab, open_shard, read_header, write_shard
-from data.tokenizer import file_sha256
 
 
 @pytest.fixture()

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_util import SAMPLE_TOKENIZER, c4_lines, make_texts, slimpajama_lines, write_gz, write_zst
 
 from data.prepare import main, prepare_split
+from helpers.corpus import SAMPLE_TOKENIZER, c4_lines, make_texts, slimpajama_lines, write_gz, write_zst
 
 SAMPLE = SAMPLE_TOKENIZER.parent
 

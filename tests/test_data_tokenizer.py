@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_data_util import MISTRAL, SAMPLE_TOKENIZER, c4_lines, make_texts, write_gz
 
 from data.errors import DataError
 from data.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from helpers.corpus import MISTRAL, SAMPLE_TOKENIZER, c4_lines, make_texts, write_gz
 
 UNSEEN = "日本語のテキスト ☃ \u0001 Ωmega"  # characters the demo model never saw -> byte fallback
 

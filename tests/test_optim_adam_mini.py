@@ -18,119 +18,24 @@ import torch.distributed as dist
 
 import models
 from helpers.dist import spawn
+from helpers.optim_reference import (
+    HP,
+    Reference,
+    adopt_ties,
+    debug_model,
+    near_bf16_tie,
+    random_grads,
+    rel_err,
+    round_bf16,
+    set_grads,
+    step_both,
+)
 from optim.adam_mini import AdamMini
 from optim.build import build_optimizer, optimizer_state_bytes
 from optim.layout import Partition, model_layout
 from optim.memory import adam_mini_state_bytes, adamw_state_bytes, v_entries
 from optim.units import Segment, Unit, units_from_module
 from pretrain.step import batch_loss
-
-HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-
-# ----------------------------------------------------------------------------- reference
-class Reference:
-    """Float64 Adam-mini from the formula: v per block via per-element block ids.
-
-    `bf16_momentum`: m is rounded to bfloat16 (to nearest, ties to even, straight from float64) after every
-    step and the step uses the rounded m. `ties(name, rounded, exact, bound)` may then replace the rounded m
-    where the float64 value lies within `bound` (a float32 evaluation's error bound) of a rounding midpoint
-    (see `adopt_ties`)."""
-
-    def __init__(self, params: dict[str, torch.Tensor], layouts, lr, betas, eps, weight_decay, eps_inside_sqrt=False,
-                 bf16_momentum=False):
-        self.p = {n: t.detach().double().clone() for n, t in params.items()}
-        self.layouts, self.lr, self.betas, self.eps, self.wd = layouts, lr, betas, eps, weight_decay
-        self.eps_inside_sqrt, self.bf16_momentum = eps_inside_sqrt, bf16_momentum
-        self.ids, self.counts = {}, {}
-        for n in params:
-            sizes = torch.tensor([b for k, b in layouts[n].runs for _ in range(k)], dtype=torch.long)
-            self.ids[n] = torch.arange(len(sizes)).repeat_interleave(sizes)
-            self.counts[n] = sizes.double()
-        self.m = {n: torch.zeros(t.numel(), dtype=torch.float64) for n, t in params.items()}
-        self.v = {n: torch.zeros(len(self.counts[n]), dtype=torch.float64) for n in params}
-        self.t = {n: 0 for n in params}
-
-    def step(self, grads: dict[str, torch.Tensor | None], lr=None, ties=None):
-        lr = self.lr if lr is None else lr
-        b1, b2 = self.betas
-        for n, g in grads.items():
-            if g is None:
-                continue
-            g = g.detach().double().reshape(-1)
-            self.t[n] += 1
-            t = self.t[n]
-            sq = torch.zeros_like(self.v[n]).index_add_(0, self.ids[n], g * g)
-            self.v[n] = b2 * self.v[n] + (1 - b2) * sq / self.counts[n]
-            decayed, fresh = b1 * self.m[n], (1 - b1) * g
-            self.m[n] = decayed + fresh
-            if self.bf16_momentum:
-                rounded = round_bf16(self.m[n])
-                # float32 evaluation: coefficients, products and sum each rounded (2^-24 relative), x2 margin
-                bound = 2.0 ** -22 * (decayed.abs() + fresh.abs()) + 2.0 ** -23 * self.m[n].abs()
-                self.m[n] = rounded if ties is None else ties(n, rounded, self.m[n], bound)
-            p = self.p[n].reshape(-1)
-            if self.layouts[n].weight_decay:
-                p.mul_(1 - lr * self.wd)
-            vhat = self.v[n][self.ids[n]] / (1 - b2 ** t)
-            denom = (vhat + self.eps).sqrt() if self.eps_inside_sqrt else vhat.sqrt() + self.eps
-            p.sub_(lr * (self.m[n] / (1 - b1 ** t)) / denom)
-
-
-def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """The spacing of bfloat16 values (8 significant bits) around float64 `x`, as a power of two."""
-    _, exp = torch.frexp(x)
-    return torch.pow(2.0, (exp - 8).double())
-
-
-def round_bf16(x: torch.Tensor) -> torch.Tensor:
-    """float64 -> the nearest bfloat16 value (ties to even), still float64; no detour through float32."""
-    ulp = _bf16_ulp(x)
-    return torch.round(x / ulp) * ulp  # exact scalings by powers of two; torch.round: half to even
-
-
-def near_bf16_tie(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """Where float64 `x` lies within `bound` of a midpoint between two neighbouring bfloat16 values."""
-    ulp = _bf16_ulp(x)
-    scaled = x.abs() / ulp
-    return ((scaled - scaled.floor()) - 0.5).abs() * ulp <= bound
-
-
-def adopt_ties(stored: dict[str, torch.Tensor], adopted: list[int]):
-    """A `Reference.step` `ties` hook: where the optimizer's `stored` bf16 m differs from the reference's rounding,
-    the float64 value must be a near-tie (float32 arithmetic may land on either side); the reference then takes
-    the optimizer's value there. `adopted[0]` counts such elements."""
-    def ties(name, rounded, exact, bound):
-        differ = rounded != stored[name]
-        assert bool(near_bf16_tie(exact, bound)[differ].all()), f"{name}: m is not the bf16 rounding of the float64 m"
-        adopted[0] += int(differ.sum())
-        return torch.where(differ, stored[name], rounded)
-    return ties
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def debug_model(seed=0, dtype=torch.float32, **overrides):
-    config = models.get_config("debug", **overrides)
-    torch.manual_seed(seed)
-    model = models.build_model(config, device="cpu").to(dtype)
-    models.init_model(model, config.n_layer, config.n_embd)
-    return config, model
-
-
-def random_grads(model, step, scale=1.0, none=()):
-    gen = torch.Generator().manual_seed(1000 + step)
-    out = {}
-    for n, p in model.named_parameters():
-        out[n] = None if n in none else (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
-    return out
-
-
-def set_grads(model, grads):
-    for n, p in model.named_parameters():
-        p.grad = None if grads[n] is None else grads[n].clone()
 
 
 # ----------------------------------------------------------------------------- unsharded update
@@ -600,11 +505,7 @@ def test_elements_embeddings_and_whole_values_match_reference(implementation):
     assert opt.layouts["lm_head.weight"].kind == "elements"
     assert opt.layouts["transformer.h.0.attn.qkv.weight"].runs[-1] == (1, 32 * 64)
     ref = Reference(params, opt.layouts, **HP)
-    for step in range(5):
-        grads = random_grads(model, step)
-        set_grads(model, grads)
-        opt.step()
-        ref.step(grads)
+    step_both(opt, ref, model, 5)
     for n, p in params.items():
         assert rel_err(p, ref.p[n]) <= 1e-6, n
         assert rel_err(opt.state[p]["exp_avg_sq"], ref.v[n]) <= 1e-5, n

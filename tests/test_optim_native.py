@@ -14,8 +14,8 @@ import itertools
 
 import pytest
 import torch
-from test_optim_adam_mini import HP, Reference, debug_model, random_grads, rel_err, set_grads
 
+from helpers.optim_reference import HP, Reference, debug_model, random_grads, rel_err, set_grads, step_both
 from optim import native
 from optim.adam_mini import AdamMini
 from optim.blocks import Chunk
@@ -237,11 +237,7 @@ def test_native_runs_units_it_cannot_take_eagerly_and_refuses_when_it_takes_none
                 p.copy_(start[n])
         opt = AdamMini(units(), layouts, implementation=impl, **HP)
         ref = Reference(params, layouts, **HP)
-        for step in range(3):
-            grads = random_grads(model, step)
-            set_grads(model, grads)
-            opt.step()
-            ref.step(grads)
+        step_both(opt, ref, model, 3)
         for n, p in params.items():
             assert rel_err(p, ref.p[n]) <= 1e-6, (impl, n)
         runs[impl] = (opt, {n: opt.state[p]["exp_avg"].clone() for n, p in params.items()})

@@ -1,7 +1,4 @@
-"""Helpers shared by the tests/test_data_*.py files: tiny synthetic corpora in both source formats.
-
-(Collected by pytest but holds no tests; imported by the data test modules.)
-"""
+"""Tiny synthetic corpora in both source formats, for the tests/test_data_*.py files."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TOKENIZER = REPO / "data" / "sample" / "tokenizer.model"
 SHARED = REPO.parent / "shared"
 MISTRAL = SHARED / "tokenizers" / "mistral-v1" / "tokenizer.model"
