@@ -40,7 +40,8 @@ def _reference(weight_decay: float) -> dict[str, torch.Tensor]:
     assert decay and no_decay
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], foreach=True, **HP)
-    worker.train_reference(model, opt, STEPS, WORLD)
+    with worker.one_thread():  # as the workers
+        worker.train_reference(model, opt, STEPS, WORLD)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 

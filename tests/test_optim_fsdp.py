@@ -77,12 +77,13 @@ def runs(tmp_path_factory):
     ], str(root))
     # one process, no torch.distributed: load the 2-rank FSDP1 checkpoint; write an unsharded one
     torch.set_flush_denormal(True)
-    results[1] = worker.run_tasks([
-        dict(op="load", name="load_fsdp1_w2", kind="plain", path=ck["fsdp1_w2"]),
-        dict(op="load", name="load_fsdp2_w2", kind="plain", path=ck["fsdp2_w2"]),
-        dict(op="load", name="load_fsdp1_w2_alt", kind="plain", path=ck["fsdp1_w2_alt"]),
-        dict(op="save", name="save_plain", kind="plain", wd=0.1, path=ck["plain_w1"]),
-    ], 0, 1)
+    with worker.one_thread():
+        results[1] = worker.run_tasks([
+            dict(op="load", name="load_fsdp1_w2", kind="plain", path=ck["fsdp1_w2"]),
+            dict(op="load", name="load_fsdp2_w2", kind="plain", path=ck["fsdp2_w2"]),
+            dict(op="load", name="load_fsdp1_w2_alt", kind="plain", path=ck["fsdp1_w2_alt"]),
+            dict(op="save", name="save_plain", kind="plain", wd=0.1, path=ck["plain_w1"]),
+        ], 0, 1)
     results[3] = _spawn(3, [
         _eq("fsdp1_wd", "fsdp1", 0.1), _eq("fsdp1_syn", "fsdp1", 0.1, "synthetic"),
         _eq("fsdp2", "fsdp2", 0.0), _eq("fsdp2_syn", "fsdp2", 0.1, "synthetic"),
