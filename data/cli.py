@@ -2,7 +2,7 @@
 
 Every numeric option is parsed by `int_in`, so a value that cannot work (``--shard-tokens 0``,
 ``--workers -1``) is refused before anything is read or written: one line naming the option on stderr,
-exit status `EXIT_USAGE_ERROR` (2).
+exit status 2 (`amp_common.exits.BAD_INPUT`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from data.errors import EXIT_USAGE_ERROR
+from amp_common import exits
 
 MAX_THREADS = 1024  # SentencePiece's own limit on encoding and training threads
 
@@ -19,7 +19,7 @@ class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one ``error: ...`` line (no usage block), exit status 2."""
 
     def error(self, message: str):
-        self.exit(EXIT_USAGE_ERROR, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(exits.BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
 
 
 def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:

@@ -2,10 +2,14 @@
 
 Why a dedicated class: the CLIs catch exactly this type and print its one-line message (file, line or
 offset, what is wrong) without a traceback and exit with status 2, while genuine bugs still surface as
-ordinary tracebacks. Library callers (the training loop) can catch it the same way.
+ordinary tracebacks. Library callers (the training loop) can catch it the same way. Writing that fails
+(disk full, a folder that is not writable) is a `DataWriteError`, exit status 3, as in every other tool
+(`amp_common.exits`).
 """
 
 from __future__ import annotations
+
+from amp_common import exits
 
 
 class DataError(Exception):
@@ -14,6 +18,8 @@ class DataError(Exception):
     `where` names the file and, when known, the line or byte offset, so the message alone is enough
     to find the problem.
     """
+
+    exit_code = exits.BAD_INPUT
 
     def __init__(self, where: str, what: str):
         self.where = str(where)
@@ -24,5 +30,7 @@ class DataError(Exception):
         return (type(self), (self.where, self.what))
 
 
-EXIT_DATA_ERROR = 2  # bad input data: a source file, a shard, a manifest, a tokenizer, an output path
-EXIT_USAGE_ERROR = 2  # a command-line option that cannot work (data/cli.py)
+class DataWriteError(DataError):
+    """The output could not be written (no space, no permission): the disk's fault, not the input's."""
+
+    exit_code = exits.DISK

@@ -47,7 +47,7 @@ from typing import Generator, Iterator, Sequence, TypeVar
 import numpy as np
 
 from data.cli import MAX_THREADS, Parser, int_in
-from data.errors import EXIT_DATA_ERROR, DataError
+from data.errors import DataError, DataWriteError
 from data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from data.readers import expand_sources, iter_lines, parse_line, source_format
 from data.shards import atomic_write_json, dtype_for_vocab, make_folder, read_header, remove_file, write_shard
@@ -231,7 +231,7 @@ def _append_journal(split_dir: Path, entry: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise DataError(path, f"cannot write ({e.strerror or e})") from None
+        raise DataWriteError(path, f"cannot write ({e.strerror or e})") from None
 
 
 def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"skipped: {skipped}; {dt:.1f}s -> {Path(a.out) / split}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_DATA_ERROR
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

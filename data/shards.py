@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from amp_common import atomic
-from data.errors import DataError
+from data.errors import DataError, DataWriteError
 
 MAGIC = b"AMPTOKS\0"
 VERSION = 1
@@ -50,7 +50,7 @@ def make_folder(path: str | os.PathLike) -> None:
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:
             raise DataError(blocker, "is a file, not a folder") from None
-        raise DataError(e.filename or path, f"cannot create folder ({e.strerror})") from None
+        raise DataWriteError(e.filename or path, f"cannot create folder ({e.strerror})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
@@ -61,7 +61,7 @@ def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
     try:
         atomic.atomic_write_bytes(path, chunks)
     except OSError as e:
-        raise DataError(path, f"cannot write ({e.strerror or e})") from None
+        raise DataWriteError(path, f"cannot write ({e.strerror or e})") from None
 
 
 def remove_file(path: str | os.PathLike) -> None:
@@ -69,7 +69,7 @@ def remove_file(path: str | os.PathLike) -> None:
     try:
         Path(path).unlink(missing_ok=True)
     except OSError as e:
-        raise DataError(path, f"cannot delete ({e.strerror})") from None
+        raise DataWriteError(path, f"cannot delete ({e.strerror})") from None
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from data.cli import MAX_THREADS, Parser, int_in
-from data.errors import EXIT_DATA_ERROR, DataError
+from data.errors import DataError
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 SAMPLE_TOKENIZER = SAMPLE_DIR / "tokenizer.model"
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tok = train_tokenizer(a.input, a.out, a.vocab_size, a.seed, a.input_sentence_size, a.num_threads)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_DATA_ERROR
+        return e.exit_code
     print(f"wrote {tok.path} vocab_size={tok.vocab_size} sha256={tok.sha256}")
     return 0
 

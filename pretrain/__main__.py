@@ -43,8 +43,10 @@ def run(cfg) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the fp32 parts
     try:
         return fit(cfg).exit_code
-    except (ConfigError, CheckpointError, DataError) as e:
+    except (ConfigError, CheckpointError) as e:
         return _error(e, exits.BAD_INPUT)
+    except DataError as e:  # bad data: 2; its DataWriteError: 3
+        return _error(e, e.exit_code)
     except NonFiniteLossError as e:
         return _error(e, exits.NON_FINITE)
     except WriteError as e:

@@ -301,12 +301,12 @@ def test_out_in_an_unwritable_folder(tmp_path, capsys):
     locked = read_only_folder(tmp_path / "locked")
     try:
         rc, err = run_cli(capsys, "--out", locked / "out", "--train", src)
-        assert rc == 2 and err == f"error: {locked / 'out'}: cannot create folder (Permission denied)", err
+        assert rc == 3 and err == f"error: {locked / 'out'}: cannot create folder (Permission denied)", err
         split = read_only_folder(tmp_path / "out2")
         split.chmod(0o755)
         split = read_only_folder(split / "train")
         rc, err = run_cli(capsys, "--out", split.parent, "--train", src)
-        assert rc == 2 and err == f"error: {split / 'manifest.json'}: cannot write (Permission denied)", err
+        assert rc == 3 and err == f"error: {split / 'manifest.json'}: cannot write (Permission denied)", err
         assert not list(split.iterdir())
     finally:
         for d in tmp_path.rglob("*"):
@@ -317,7 +317,7 @@ def test_out_in_an_unwritable_folder(tmp_path, capsys):
 
 def test_disk_full_is_one_line_and_leaves_nothing_a_rerun_would_trust(tmp_path, corpus_dir, monkeypatch, capsys):
     """ENOSPC at every kind of write (the first manifest, shards, journal lines, the final manifest): one
-    line naming the file, exit 2, no temporary file, no complete manifest; a re-run with space again
+    line naming the file, exit 3 (the disk), no temporary file, no complete manifest; a re-run with space again
     writes exactly what a clean run writes."""
     import errno
     import stat
@@ -343,7 +343,7 @@ def test_disk_full_is_one_line_and_leaves_nothing_a_rerun_would_trust(tmp_path, 
         calls.clear()
         monkeypatch.setattr(os, "fsync", lambda fd, n=fail_at: fsync(fd, n))
         rc, err = run_cli(capsys, "--out", out, *args)
-        assert rc == 2 and err.startswith(f"error: {out / 'train'}/") and "\n" not in err, err
+        assert rc == 3 and err.startswith(f"error: {out / 'train'}/") and "\n" not in err, err
         assert err.endswith(": cannot write (No space left on device)")
         assert not list(out.rglob(".*.tmp"))
         m = out / "train" / "manifest.json"
