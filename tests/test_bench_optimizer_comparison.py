@@ -43,12 +43,24 @@ def test_best_lr_gaps_and_verdict():
 
 
 def test_variants_name_real_optimizer_options():
+    """Each variant's options reach the optimizer: its class, its block layout (against `model_layout` with the
+    partition the options name) and its first-moment dtype."""
     import models
+    from optim.adam_mini import AdamMini
     from optim.build import build_optimizer
+    from optim.layout import Partition, model_layout
 
     config = models.get_config("debug")
     model = models.build_model(config, device="meta")
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     for name, options in oc.VARIANTS.items():
+        extra = {k: v for k, v in options.items() if k != "name"}
         opt = build_optimizer(model, config, options["name"], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                              **{k: v for k, v in options.items() if k != "name"})
-        assert opt is not None, name
+                              **extra)
+        if options["name"] == "adamw":
+            assert not isinstance(opt, AdamMini), name
+            continue
+        partition = Partition(**{k: v for k, v in extra.items() if k in ("embedding_blocks", "value_blocks")})
+        assert opt.layouts == model_layout(config, shapes, partition), name
+        assert str(opt.momentum_dtype) == f"torch.{extra.get('momentum_dtype', 'float32')}", name
+    assert model_layout(config, shapes, Partition(embedding_blocks="elements")) != model_layout(config, shapes)

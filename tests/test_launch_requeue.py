@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from helpers.checkpoints import assert_same_tensors, checkpoint_tensors
-from helpers.runs import read_until
+from helpers.runs import read_until, train_log
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -108,12 +108,10 @@ def test_usr1_checkpoint_requeue_resume_equals_straight_run(data_dir, tmp_path, 
     assert requeues(log) == ["requeue 4242"]
 
     # continuity: every step logged exactly once, tokens = steps x tokens per step
-    records = [json.loads(ln) for ln in (run / "train_log.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
+    train = [r for r in train_log(run) if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert all(r["tokens_seen"] == r["step"] * TOKENS_PER_STEP for r in train)
-    ref_records = [json.loads(ln) for ln in (straight / "train_log.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in train] == [r["loss"] for r in ref_records if "loss" in r]
+    assert [r["loss"] for r in train] == [r["loss"] for r in train_log(straight) if "loss" in r]
     final = run / f"step-{STEPS:08d}"
     assert json.loads((final / "trainer.json").read_text())["tokens_seen"] == STEPS * TOKENS_PER_STEP
 

@@ -99,17 +99,15 @@ def test_fabric_run_settings_agree_or_fail():
 
 
 @pytest.mark.extended
-def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, tmp_path_factory):
-    from helpers.data import prepare_small
+def test_fabric_run_two_cpu_processes_stop_on_sigterm_and_resume(tmp_path, data_dir):
     from helpers.dist import free_port
     from helpers.runs import read_until
 
-    data = prepare_small(tmp_path_factory.getbasetemp() / "pretrain_sample")
     out = tmp_path / "run"
     # Enough steps that the run cannot finish between "step 2" and the signal on a loaded machine
     # (a debug step takes milliseconds); the resumed run then completes them.
     steps = 40
-    args = ["--model.name", "debug", "--data.dir", str(data), "--data.seq_len", "32",
+    args = ["--model.name", "debug", "--data.dir", str(data_dir), "--data.seq_len", "32",
             "--train.global_batch_tokens", "128", "--train.micro_batch_size", "2", "--train.max_steps", str(steps),
             "--eval.batches", "1", "--eval.interval", "0", "--checkpoint.interval", "0", "--logging.interval", "1",
             "--logging.tensorboard", "false", "--out_dir", str(out)]

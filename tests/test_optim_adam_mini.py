@@ -123,10 +123,7 @@ def test_state_dict_round_trip_continues_exactly():
 
 @pytest.mark.parametrize("path", ["eager", "native"])
 def test_bf16_params_keep_fp32_state(path):
-    from optim import native
-
-    if path == "native" and not native.available():
-        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    _skip_unavailable(path)
     config, model = debug_model(dtype=torch.bfloat16)
     layouts = model_layout(config, [(n, p.shape) for n, p in model.named_parameters()])
     opt = AdamMini(units_from_module(model), layouts, implementation=path, **HP)
@@ -203,21 +200,15 @@ def test_bf16_momentum_matches_float64_reference_that_rounds_m(implementation):
         assert rel_err(st["exp_avg_sq"], ref.v[n]) <= 1e-5, n
 
 
-def _train(model, opt, steps):
-    for step in steps:
-        set_grads(model, random_grads(model, step))
-        opt.step()
-
-
 def test_bf16_momentum_state_dict_resume_keeps_bf16_and_casts_other_dtypes():
     config, model_a = debug_model()
     layouts = model_layout(config, [(n, p.shape) for n, p in model_a.named_parameters()])
     model_b = copy.deepcopy(model_a)
     bf16 = dict(momentum_dtype=torch.bfloat16, **HP)
     opt_a = AdamMini(units_from_module(model_a), layouts, **bf16)
-    _train(model_a, opt_a, range(6))
+    _run(model_a, opt_a, range(6))
     opt_b = AdamMini(units_from_module(model_b), layouts, **bf16)
-    _train(model_b, opt_b, range(3))
+    _run(model_b, opt_b, range(3))
     buf = io.BytesIO()
     torch.save({"model": model_b.state_dict(), "optim": opt_b.state_dict()}, buf)
     buf.seek(0)
@@ -227,7 +218,7 @@ def test_bf16_momentum_state_dict_resume_keeps_bf16_and_casts_other_dtypes():
     opt_c = AdamMini(units_from_module(model_c), layouts, **bf16)
     opt_c.load_state_dict(saved["optim"])
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt_c.state.values())
-    _train(model_c, opt_c, range(3, 6))
+    _run(model_c, opt_c, range(3, 6))
     for (n, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
         assert torch.equal(pa, pc), n
         assert torch.equal(opt_a.state[pa]["exp_avg"], opt_c.state[pc]["exp_avg"]), n
@@ -236,7 +227,7 @@ def test_bf16_momentum_state_dict_resume_keeps_bf16_and_casts_other_dtypes():
     widened.load_state_dict(saved["optim"])
     model_d = copy.deepcopy(model_c)
     fp32 = AdamMini(units_from_module(model_d), layouts, **HP)
-    _train(model_d, fp32, range(2))
+    _run(model_d, fp32, range(2))
     narrowed = AdamMini(units_from_module(model_d), layouts, **bf16)
     narrowed.load_state_dict(fp32.state_dict())
     for (pb, pc), pd in zip(zip(model_b.parameters(), model_c.parameters()), model_d.parameters()):

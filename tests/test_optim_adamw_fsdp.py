@@ -16,7 +16,7 @@ from helpers.dist import spawn
 
 pytestmark = pytest.mark.slow
 WORLD, STEPS, WD, TOL = 2, 10, 0.5, 1e-6
-HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+HP = worker.HP
 
 
 def _run(rank: int, world: int, out: str) -> None:

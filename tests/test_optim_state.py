@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+from helpers.optim_reference import HP
 from optim.adam_mini import AdamMini
 from optim.layout import Partition, model_layout
 from optim.state import (
@@ -20,8 +21,6 @@ from optim.state import (
     sharded_state_dict,
 )
 from optim.units import units_from_module
-
-HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
 def _setup(seed=0, partition=Partition(), **hp):

@@ -45,9 +45,9 @@ def state_tensors(d: dict) -> dict:
     return {k: v for k, v in d.items() if k.startswith(("model.", "optimizer.exp_avg"))}
 
 
-def assert_losses_close(a: dict, b: dict, steps) -> None:
+def assert_losses_close(a: dict, b: dict, steps, rtol: float = RTOL) -> None:
     for s in steps:
-        assert abs(a[s] - b[s]) <= RTOL * abs(a[s]), (s, a[s], b[s])
+        assert abs(a[s] - b[s]) <= rtol * abs(a[s]), (s, a[s], b[s])
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,7 @@ def test_compiled_blocks_match_eager_under_fsdp(data_dir, tmp_path):
         assert ("compiled, activation checkpointing" in out) == compiled
         runs[compiled] = logged_losses(run)
     assert sorted(runs[True]) == list(range(1, 21))
-    for s in runs[False]:
-        assert abs(runs[True][s] - runs[False][s]) <= 1e-4 * abs(runs[False][s]), (s, runs[True][s], runs[False][s])
+    assert_losses_close(runs[False], runs[True], runs[False], rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------ extended (not in the default run)
@@ -218,8 +217,7 @@ def test_fsdp_nan_stop_and_accumulation(data_dir, tmp_path, single):
         run = tmp_path / f"micro{micro}"
         launch(config(data_dir, run, 2, train__micro_batch_size=micro))
         losses[micro] = logged_losses(run)
-    for s in range(1, STEPS + 1):
-        assert abs(losses[1][s] - losses[6][s]) <= 2e-5 * abs(losses[6][s]), (s, losses[1][s], losses[6][s])
+    assert_losses_close(losses[6], losses[1], range(1, STEPS + 1), rtol=2e-5)
 
 
 @pytest.mark.extended

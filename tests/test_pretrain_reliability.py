@@ -53,8 +53,7 @@ def test_resuming_an_older_checkpoint_branches_without_losing_the_newer_run(data
     assert steps_in(out) == [6, 8, 10]
     aside = [p for p in out.iterdir() if p.name.startswith("abandoned-")]
     assert len(aside) == 1 and steps_in(aside[0]) == [8, 10, 12]
-    assert [r["step"] for r in map(json.loads, (aside[0] / "train_log.jsonl").read_text().splitlines())
-            if "loss" in r] == [7, 8, 9, 10, 11, 12]
+    assert [r["step"] for r in train_log(aside[0]) if "loss" in r] == [7, 8, 9, 10, 11, 12]
     from checkpoints_util.store import verify
 
     assert verify(aside[0] / "step-00000012") is None  # the abandoned run's newest checkpoint, intact

@@ -127,11 +127,6 @@ def tokens(seed: int = 3, length: int = 40) -> torch.Tensor:
     return torch.randint(0, model_config().padded_vocab_size, (2, length), generator=gen)
 
 
-def logits(model, seed: int = 3, length: int = 40) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tokens(seed, length))
-
-
 # ------------------------------------------------------------------------------------- format 1 (converter)
 def _format1_common(path: Path, step: int, tokens_seen: int, world: int, model_file: str, opt_file: str,
                     strategy: str, loader: dict) -> None:

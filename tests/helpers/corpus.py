@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE_TOKENIZER = REPO / "data" / "sample" / "tokenizer.model"
+from helpers.data import REPO
+from helpers.data import TOKENIZER as SAMPLE_TOKENIZER  # noqa: F401  (the data tests import it from here)
+
 SHARED = REPO.parent / "shared"
 MISTRAL = SHARED / "tokenizers" / "mistral-v1" / "tokenizer.model"
 
