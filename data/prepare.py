@@ -339,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                "    python -m data.prepare --out out/c4 --tokenizer tokenizer.model \\\n"
                "        --train 'c4/c4-train.*.json.gz' --val c4/c4-validation.00000-of-00001.json.gz --workers 8\n"
                "Bad input is reported as one line 'error: FILE, line N: what', an option value that cannot\n"
-               "work as 'error: argument --NAME: what'; both with exit status 2, before anything is written.")
+               "work as 'error: argument --NAME: what'; both with exit status 2, before anything is written.\n"
+               "A write that fails (disk full, a folder not writable) is one line 'error: PATH: what' with\n"
+               "exit status 3; the temporary file is removed and a re-run resumes.")
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/ subfolders)")
     p.add_argument("--train", nargs="+", metavar="SRC", help="train sources: files, folders or globs")
     p.add_argument("--val", nargs="+", metavar="SRC", help="validation sources: files, folders or globs")
