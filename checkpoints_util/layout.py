@@ -29,6 +29,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged or does not fit the run; the message names the path."""
 
 
+class OldFormatError(CheckpointError):
+    """A checkpoint of an earlier format: intact, but `amp-ckpt convert` must rewrite it first."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 

@@ -45,6 +45,7 @@ from checkpoints_util.layout import (
     MODEL_CONFIG_FILE,
     TRAINER_FILE,
     CheckpointError,
+    OldFormatError,
     list_checkpoints,
     step_dir_name,
     step_of,
@@ -211,7 +212,7 @@ def read_trainer(path: Path) -> dict[str, Any]:
     if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
         raise CheckpointError(f"{f}: not a trainer state (expected a JSON object with an integer 'step')")
     if trainer.get("format") == 1:
-        raise CheckpointError(f"{path}: written in checkpoint format 1 (model.pt / model/ + optimizer); convert it "
+        raise OldFormatError(f"{path}: written in checkpoint format 1 (model.pt / model/ + optimizer); convert it "
                               f"with `amp-ckpt convert {path}`")
     if trainer.get("format") != FORMAT:
         raise CheckpointError(f"{f}: checkpoint format {trainer.get('format')!r}, this code reads {FORMAT}")

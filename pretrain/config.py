@@ -255,6 +255,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
@@ -370,5 +372,5 @@ def model_config(cfg: PretrainConfig):
         raise ConfigError(f"model.overrides: {', '.join(map(repr, unknown))} is not a litgpt.Config field")
     try:
         return models.get_config(cfg.model.name, **cfg.model.overrides)
-    except (TypeError, ValueError, AssertionError) as err:
+    except (TypeError, ValueError, AssertionError, ArithmeticError) as err:  # litgpt's __post_init__ checks
         raise ConfigError(f"model.overrides: {' '.join(str(err).split())}") from None

@@ -178,12 +178,11 @@ def _checkpoint_state(model, optimizer, data, state: TrainState) -> dict:
 
 
 def _load(path: Path, model, optimizer, data, state: TrainState, model_config) -> None:
-    import yaml
-
     from checkpoints_util.layout import MODEL_CONFIG_FILE, CheckpointError
+    from checkpoints_util.reader import load_model_config
 
-    saved = yaml.safe_load((path / MODEL_CONFIG_FILE).read_text())
-    now = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(model_config)))
+    saved = dataclasses.asdict(load_model_config(path / MODEL_CONFIG_FILE))
+    now = dataclasses.asdict(model_config)
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         raise CheckpointError(f"{path / MODEL_CONFIG_FILE}: the checkpoint's model differs from this run's in "

@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from amp_common.atomic import atomic_write_json
 from checkpoints_util import store
-from checkpoints_util.layout import BRANCH_FILE, CheckpointError, is_complete, list_checkpoints, step_of
+from checkpoints_util.layout import BRANCH_FILE, CheckpointError, OldFormatError, is_complete, list_checkpoints, step_of
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.logs import LOG_NAME, read_records, write_records
 
@@ -68,9 +69,9 @@ def _newest_that_verifies(out_dir: Path, fabric) -> Path | None:
     for path in reversed(list_checkpoints(out_dir)):
         try:
             problem = store.verify(path)
+        except OldFormatError:
+            raise  # not damaged: it needs `amp-ckpt convert`
         except CheckpointError as e:
-            if "format 1" in str(e):
-                raise  # not damaged: it needs `amp-ckpt convert`
             problem = str(e)
         if problem is None:
             if damaged:
@@ -108,8 +109,8 @@ def _branch(out_dir: Path, start: Path, say) -> None:
         say(f"resuming from {start} (step {step}): moved the abandoned run's newer checkpoints "
             f"({', '.join(p.name for p in newer) or 'none'}) and its {len(later)} later log lines to {aside}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / BRANCH_FILE).write_text(json.dumps({"from": str(start.resolve()), "step": step,
-                                                   "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    atomic_write_json(out_dir / BRANCH_FILE, {"from": str(start.resolve()), "step": step,
+                                              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=None)
 
 
 def _read_branch(out_dir: Path) -> dict:

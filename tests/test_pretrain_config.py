@@ -112,6 +112,8 @@ def test_cli_errors_exit_2_with_one_line(capsys):
     for argv, message in ((["--train.max_steps", "x"], "command line: train.max_steps: expected an integer, got 'x'"),
                           (["--no_such_option", "1"], "unknown option 'no_such_option'"),
                           (["--config", "/no/such.yaml"], "/no/such.yaml: config file not found"),
+                          (["--model.name", "debug", "--model.overrides", "{n_query_groups: 0}",
+                            "--train.max_steps", "3"], "model.overrides: "),  # litgpt divides by it
                           (["--optimizer.name", "adamw", "--optimizer.implementation", "native",
                             "--train.max_steps", "3"], "optimizer.implementation=native applies to adam_mini only")):
         assert main(argv) == 2
