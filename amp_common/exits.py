@@ -15,3 +15,8 @@ BAD_INPUT = 2
 DISK = 3
 INTERRUPTED = 130
 SIGTERM = 143
+
+
+def os_error_line(e: OSError) -> str:
+    """`PATH: reason` of an OSError for a one-line message (just the reason when it names no file)."""
+    return f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")

@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.DISK
-    except OSError as e:  # a file that could not be read or written: name it
-        print(f"error: {e.filename or ''}: {e.strerror or e}".replace("error: : ", "error: "), file=sys.stderr)
-        return exits.DISK
-    except BrokenPipeError:  # `amp-ckpt inspect ... | head`: stop quietly, as other CLI tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # `amp-ckpt inspect ... | head`: stop quietly, as other CLI tools do (before OSError,
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # of which it is one)
         return 0
+    except OSError as e:  # a file that could not be read or written: name it
+        print(f"error: {exits.os_error_line(e)}", file=sys.stderr)
+        return exits.DISK
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return exits.INTERRUPTED

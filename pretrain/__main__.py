@@ -52,7 +52,7 @@ def run(cfg) -> int:
     except WriteError as e:
         return _error(e, exits.DISK)
     except OSError as e:
-        return _error(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "), exits.DISK)
+        return _error(exits.os_error_line(e), exits.DISK)
     except KeyboardInterrupt:
         return _error("interrupted", exits.INTERRUPTED)
 

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from amp_common import exits
 from amp_common.atomic import atomic_write_json
 from checkpoints_util import store
 from checkpoints_util.layout import BRANCH_FILE, CheckpointError, OldFormatError, is_complete, list_checkpoints, step_of
@@ -58,7 +59,7 @@ def _on_rank0(fabric, work) -> None:
         try:
             work()
         except OSError as e:
-            problem = f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")
+            problem = exits.os_error_line(e)
     problem = fabric.broadcast(problem, src=0)
     if problem:
         raise CheckpointError(f"could not set the run folder up for the resume: {problem}")

@@ -169,3 +169,21 @@ def test_non_llama_config_is_refused_for_hf(ckpt, tmp_path, capsys):
     assert code == 2 and "not a plain Llama" in err and "parallel residual" in err, err
     assert not (tmp_path / "hf").exists()
     assert os.path.isdir(bad)
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_0(monkeypatch, capsys):
+    """`amp-ckpt inspect RUN | head`: the BrokenPipeError (an OSError) is not reported as a disk error."""
+    import types
+
+    from checkpoints_util import __main__ as cli
+
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "build_parser", lambda: types.SimpleNamespace(
+        parse_args=lambda argv: types.SimpleNamespace(func=closed_pipe)))
+    redirected = []
+    monkeypatch.setattr(cli.os, "dup2", lambda fd, fd2: redirected.append(fd2))
+    monkeypatch.setattr(cli.sys.stdout, "fileno", lambda: 1, raising=False)
+    assert cli.main(["inspect", "run"]) == 0
+    assert capsys.readouterr().err == "" and redirected == [1]
