@@ -20,6 +20,7 @@ converted checkpoint into another run folder instead and leaves the old one as i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -63,10 +64,12 @@ def _dcp_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def read_format1(path: Path) -> tuple[dict, dict]:
-    """(state for the new DCP save, trainer.json fields) of a format-1 checkpoint."""
+    """(state for the new DCP save, its metadata: trainer.json fields, run config, model config) of a format-1
+    checkpoint; each file is read once."""
     trainer = json.loads((path / TRAINER_FILE).read_text())
-    config = yaml.safe_load((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
-    shapes = expected_shapes(load_model_config(path / MODEL_CONFIG_FILE))
+    config = (yaml.safe_load((path / CONFIG_FILE).read_text()) or {}) if (path / CONFIG_FILE).is_file() else {}
+    model_config = load_model_config(path / MODEL_CONFIG_FILE)
+    shapes = expected_shapes(model_config)
     model_file, opt_file = path / trainer["model_file"], path / trainer["optimizer_file"]
     if model_file.is_dir():
         model = {_name(k[len("model."):]): v for k, v in _dcp_tensors(model_file, "model.").items()}
@@ -94,7 +97,8 @@ def read_format1(path: Path) -> tuple[dict, dict]:
              "trainer": {"step": torch.tensor(trainer["step"]), "tokens_seen": torch.tensor(trainer["tokens_seen"])}}
     keep = ("tokens_seen", "world_size", "strategy", "precision", "optimizer", "model_name", "loss", "val_loss",
             "reason")
-    return state, {k: trainer.get(k) for k in keep} | {"converted_from_format": 1, "windows_skipped": skipped}
+    fields = {k: trainer.get(k) for k in keep} | {"converted_from_format": 1, "windows_skipped": skipped}
+    return state, {"trainer": fields, "config": config, "model_config": dataclasses.asdict(model_config)}
 
 
 def _optimizer_pt(saved: dict, where: Path) -> dict:
@@ -154,17 +158,15 @@ def _format(path: Path) -> int | None:
 
 def convert(path: Path, out_run: Path | None, quiet: bool = False) -> Path:
     """Convert one format-1 checkpoint; returns the new checkpoint's folder. Nothing is left behind on errors."""
-    if _format(path) != 1:
-        raise CheckpointError(f"{path}: checkpoint format {_format(path)!r}; only format 1 needs converting")
+    fmt = _format(path)
+    if fmt != 1:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r}; only format 1 needs converting")
     kept = path.with_name(f"format1-{path.name}")
     if out_run is None and kept.exists():
         raise CheckpointError(f"{kept}: already exists (an earlier conversion?); move it away first")
     try:
-        state, fields = read_format1(path)
-        meta = {"trainer": fields, "config": yaml.safe_load((path / CONFIG_FILE).read_text() or "{}")
-                if (path / CONFIG_FILE).is_file() else {},
-                "model_config": yaml.safe_load((path / MODEL_CONFIG_FILE).read_text())}
-    except (OSError, KeyError, TypeError, ValueError, IndexError, yaml.YAMLError) as e:
+        state, meta = read_format1(path)
+    except (OSError, KeyError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError, yaml.YAMLError) as e:
         raise CheckpointError(f"{path}: not a readable format-1 checkpoint ({type(e).__name__}: "
                               f"{' '.join(str(e).split())[:200]})") from None
     step = int(state["trainer"]["step"])
@@ -181,7 +183,7 @@ def convert(path: Path, out_run: Path | None, quiet: bool = False) -> Path:
             shutil.rmtree(work, ignore_errors=True)
         result = path.parent / step_dir_name(step)
     if not quiet:
-        skipped = fields["windows_skipped"]
+        skipped = meta["trainer"]["windows_skipped"]
         print(f"converted {path} (format 1) -> {result}" + (f"; the data position moved {skipped} windows on to a "
                                                            f"whole optimizer step" if skipped else ""), file=sys.stderr)
     return result

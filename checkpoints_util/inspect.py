@@ -2,7 +2,7 @@
 
 Why: before resuming, exporting or deleting a checkpoint one wants to know what it is (step, tokens,
 on how many ranks it was written, which optimizer, how big) without loading gigabytes of tensors.
-Nothing here reads tensor data: shapes come from DCP metadata or an mmap'd `torch.load`.
+Nothing here reads tensor data: shapes come from DCP metadata.
 """
 from __future__ import annotations
 
@@ -53,8 +53,7 @@ def inspect_checkpoint(path, verify: bool = False) -> dict[str, Any]:
             "dtypes": dtypes,
             "bytes": model_bytes,
         },
-        "optimizer": {"kind": ck.optimizer_kind(), "state_bytes": ck.optimizer_state_bytes(),
-                      "file": t.get("optimizer_file")},
+        "optimizer": {"kind": ck.optimizer_kind(), "state_bytes": ck.optimizer_state_bytes()},
         "train_config": ck.train_config,
         "files": [{"path": p, "bytes": b} for p, b in files],
         "total_bytes": sum(b for _, b in files),

@@ -144,3 +144,17 @@ def test_format1_position_inside_an_optimizer_step_converts_to_a_loadable_one(da
     loader = build_loader(data_dir, "train", 32, 4, world_size=2, seed=3, global_batch=G)
     loader.load_state_dict({**{k: int(v) for k, v in state.items()}, "shuffle": True, "split": "train"})
     assert loader.batches_consumed == loader.steps_per_epoch + position // per_micro
+
+
+def test_format1_with_an_empty_config_converts_and_says_so(trained, tmp_path, capsys):
+    """An empty config.yaml is no config (the optimizer's stored hparams and the loader's own batch are used);
+    without --quiet the converter prints one line naming both folders."""
+    model, opt = trained
+    loader = {"version": 1, "batches_consumed": 3, "seed": 42, "shuffle": True, "seq_len": 256, "batch_size": 4,
+              "world_size": 2, "num_tokens": 100_000, "split": "train"}
+    old = save_format1_plain(tmp_path / "run", 3, model, opt, 3 * 1024, loader)
+    (old / "config.yaml").write_text("")
+    assert main(["convert", str(old)]) == 0
+    err = capsys.readouterr().err
+    assert err.strip() == f"converted {old} (format 1) -> {old}", err
+    assert open_checkpoint(old).verify() is None
