@@ -19,20 +19,32 @@ import tempfile
 import time
 from pathlib import Path
 
+from data.cli import Parser, int_in
+from pretrain.logs import LOG_NAME, read_records
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = "single,single+compile,fsdp:2,fsdp:2+compile,fsdp2:2,fsdp2:2+compile"
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m benchmarks.cpu_pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny")
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=6, help="first steps not counted (compiling happens there)")
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int_in(2), default=24, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int_in(0), default=6, help="first steps not counted (compiling happens there)")
+    p.add_argument("--micro-batch", type=int_in(1), default=8)
+    p.add_argument("--seq-len", type=int_in(1), default=128)
     p.add_argument("--runs", default=RUNS, help=f"comma-separated STRATEGY[:RANKS][+compile] (default {RUNS})")
     p.add_argument("--work-dir", default=None, help="where data and runs go (default: a temporary folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup >= args.steps:
+        p.error(f"argument --warmup: must be below --steps ({args.steps}), got {args.warmup}")
+    for run in args.runs.split(","):
+        spec, _, extra = run.partition("+")
+        strategy, _, ranks = spec.partition(":")
+        if strategy not in ("single", "ddp", "fsdp", "fsdp2") or extra not in ("", "compile") \
+                or not (ranks == "" or ranks.isdigit() and int(ranks) >= 1):
+            p.error(f"argument --runs: {run!r} is not STRATEGY[:RANKS][+compile] (single, ddp, fsdp, fsdp2)")
+    return args
 
 
 def measure(args, run: str, data: Path, work: Path) -> dict:
@@ -54,7 +66,7 @@ def measure(args, run: str, data: Path, work: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"run": run, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    records = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    records, _ = read_records(out / LOG_NAME)
     timed = [r for r in records if "s_per_step" in r and r["step"] > args.warmup]
     seconds = sum(r["s_per_step"] for r in timed)
     tokens = len(timed) * args.micro_batch * args.seq_len * ranks
@@ -68,11 +80,18 @@ def measure(args, run: str, data: Path, work: Path) -> dict:
 def main(argv=None) -> int:
     args = parse(argv)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="cpu_pretrain-"))
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --work-dir {work}: {e.strerror or e}", file=sys.stderr)
+        return 2
     data = work / "data"
     if not (data / "val" / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(data)], cwd=ROOT, check=True,
-                       capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", "data.prepare", "--out", str(data)], cwd=ROOT,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print((proc.stderr.strip().splitlines() or ["data.prepare failed"])[-1], file=sys.stderr)
+            return proc.returncode
     rows = [measure(args, run, data, work) for run in args.runs.split(",")]
     print(f"{args.model} on CPU ({os.cpu_count()} cores), micro-batch {args.micro_batch} x {args.seq_len} per rank, "
           f"{args.steps} steps, first {args.warmup} not counted")

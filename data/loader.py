@@ -75,9 +75,11 @@ class TokenLoader:
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
         self.num_tokens = self.stream.num_tokens
         self.windows_per_epoch = num_windows(self.num_tokens, self.seq_len)
+        #: windows per micro-step over all ranks (world_size x batch_size)
+        self.windows_per_batch = self.world_size * self.batch_size
         #: windows per optimizer step over all ranks (world_size x batch_size x gradient accumulation)
-        self.global_batch = int(global_batch or self.world_size * self.batch_size)
-        if self.global_batch % (self.world_size * self.batch_size):
+        self.global_batch = int(global_batch or self.windows_per_batch)
+        if self.global_batch % self.windows_per_batch:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of world_size x batch_size = "
                              f"{self.world_size} x {self.batch_size}")
         self.schedule = Schedule(self.windows_per_epoch, self.batch_size, self.world_size, self.seed, self.shuffle,
@@ -87,8 +89,7 @@ class TokenLoader:
             raise DataError(self.split_dir, f"too little data: {self.num_tokens} tokens make "
                             f"{self.windows_per_epoch} windows of seq_len {self.seq_len}, fewer than one global "
                             f"batch of {self.global_batch} windows")
-        #: windows of each epoch's order that no rank sees in that epoch (< world_size * batch_size)
-        self.windows_per_batch = self.world_size * self.batch_size
+        #: windows of each epoch's order that no rank sees in that epoch (< global_batch)
         self.windows_left_out_per_epoch = self.windows_per_epoch - self.steps_per_epoch * self.windows_per_batch
         self.batches_consumed = 0
 

@@ -45,7 +45,7 @@ class UnitPlan:
     spans: tuple[tuple[int, int, bool], ...]       # (offset, numel, decay): maximal contiguous runs of chunks
     min_local_numel: int                           # the local buffer must be at least this long
 
-    @property
+    @cached_property
     def run_spans(self) -> tuple[tuple[int, int, int], ...]:
         """`(first block, n_blocks, block_numel)` of every run of the block vector."""
         spans, first = [], 0

@@ -19,13 +19,13 @@ _STEP_BYTES = 4  # fp32 0-d step tensor
 
 def adamw_state_bytes(named_shapes: Iterable[tuple[str, Iterable[int]]], dtype: torch.dtype = torch.float32) -> int:
     """torch.optim.AdamW (no amsgrad): two moments in the parameter dtype + one step per parameter."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return sum(2 * math.prod(shape) * size + _STEP_BYTES for _, shape in named_shapes)
 
 
 def adam_mini_state_bytes(layouts: Mapping[str, ParamLayout], momentum_dtype: torch.dtype = torch.float32) -> int:
     """AdamMini, one unit per parameter: m per element in `momentum_dtype`, fp32 v per block, one step."""
-    m_size = torch.empty((), dtype=momentum_dtype).element_size()
+    m_size = momentum_dtype.itemsize
     return sum(m_size * lay.numel + 4 * lay.n_blocks + _STEP_BYTES for lay in layouts.values())
 
 

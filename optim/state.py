@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from amp_common.dist import distributed
+from amp_common.dist import distributed, gather_objects, rank
 from amp_common.quiet import quiet_checkpoint_warnings
 from optim.units import local_1d
 
@@ -130,8 +130,9 @@ def _pieces(state: dict, key: str, e: dict) -> list[tuple[int, int, torch.Tensor
 def sharded_state_dict(optimizer, layouts: Mapping | None = None) -> dict[str, Any]:
     """Name-keyed state for `torch.distributed.checkpoint.save/load` (see module docstring).
 
-    Collective when some unit is sharded (one `all_gather_object` over the default group per per-element
-    key): call it on every rank. The returned tensors alias the optimizer state where they can (per-element
+    Collective when some unit is sharded (one `all_gather_object` over the default group: where every
+    rank's pieces lie, the same for every per-element key): call it on every rank. The returned tensors
+    alias the optimizer state where they can (per-element
     pieces, and per-block slices), so the dict is both what to save and where DCP loads to.
     """
     entries = _entries(optimizer, layouts)
@@ -152,32 +153,33 @@ def sharded_state_dict(optimizer, layouts: Mapping | None = None) -> dict[str, A
                 raise RuntimeError(f"{e['name']}: an unsharded unit must hold the whole parameter")
             else:
                 out[key][e["name"]] = views[0][2]
-    for key in element_keys:
-        if pieces[key]:
-            if not distributed():
-                raise RuntimeError("sharded optimizer units but torch.distributed is not initialised")
-            numel = {e["name"]: e["numel"] for e in entries}
+    if any(pieces[key] for key in element_keys):
+        if not distributed():
+            raise RuntimeError("sharded optimizer units but torch.distributed is not initialised")
+        # the pieces of every per-element key are cut by the same segments: where they lie is gathered once
+        first = pieces[element_keys[0]]
+        everyone = gather_objects({name: [(a, b, str(t.device)) for a, b, t in views] for name, views in first.items()})
+        numel = {e["name"]: e["numel"] for e in entries}
+        for key in element_keys:
             dtype = {e["name"]: _state(optimizer, e["unit"])[key].dtype for e in entries}
-            out[key].update(_sharded_tensors(pieces[key], numel, dtype))
+            out[key].update(_sharded_tensors(pieces[key], everyone, numel, dtype))
     out["hparams"] = _hparams(optimizer)
     return out
 
 
-def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], numel: dict[str, int],
-                     dtype: dict[str, torch.dtype]) -> dict:
-    """1-D ShardedTensors over the default group from every rank's `[start, end)` pieces (one gather)."""
+def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], everyone: list[dict],
+                     numel: dict[str, int], dtype: dict[str, torch.dtype]) -> dict:
+    """1-D ShardedTensors over the default group from this rank's `[start, end)` pieces and `everyone`, every
+    rank's `{name: [(start, end, device)]}` (`amp_common.dist.gather_objects`)."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {name: [(a, b, str(t.device)) for a, b, t in views] for name, views in pieces.items()}
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine)
+    me = rank()
     out = {}
     for name in sorted(pieces):
         shards_md, local, seen = [], [], {}
-        for r in range(world):
+        for r in range(len(everyone)):
             for a, b, device in (everyone[r] or {}).get(name, []):
                 if (a, b) in seen:
                     raise NotImplementedError(
@@ -186,7 +188,7 @@ def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], num
                 seen[(a, b)] = r
                 md = ShardMetadata(shard_offsets=[a], shard_sizes=[b - a], placement=f"rank:{r}/{device}")
                 shards_md.append(md)
-                if r == rank:
+                if r == me:
                     view = next(t for x, y, t in pieces[name] if (x, y) == (a, b))
                     local.append(Shard(tensor=view, metadata=md))
         if sum(md.shard_sizes[0] for md in shards_md) != numel[name]:
@@ -269,8 +271,7 @@ def full_state_dict(optimizer, layouts: Mapping | None = None, rank0_only: bool 
     """
     entries = _entries(optimizer, layouts)
     element_keys, block_keys = _kinds(optimizer)
-    rank = dist.get_rank() if distributed() else 0
-    keep = rank == 0 or not rank0_only
+    keep = rank() == 0 or not rank0_only
     out: dict[str, Any] = {key: {} for key in (*element_keys, *block_keys, "step")}
     out["hparams"] = _hparams(optimizer)
     by_unit: dict[int, list[dict]] = {}
@@ -298,15 +299,15 @@ def _gather_unit(unit, local: dict, rank0_only: bool, keep: bool) -> list[dict]:
     """Every rank's pieces of one unit (on global rank 0 only with `rank0_only`)."""
     if unit.group is None:
         return [local]
-    rank, size = dist.get_rank(), dist.get_world_size(unit.group)
+    me, size = dist.get_rank(), dist.get_world_size(unit.group)
     if not rank0_only:
         gathered = [None] * size
         dist.all_gather_object(gathered, local, group=unit.group)
         return gathered
     dst = dist.get_global_rank(unit.group, 0)
-    gathered = [None] * size if rank == dst else None
+    gathered = [None] * size if me == dst else None
     dist.gather_object(local, gathered, dst=dst, group=unit.group)
-    if keep and rank != dst:
+    if keep and me != dst:
         raise RuntimeError("full_state_dict(rank0_only=True): global rank 0 must be rank 0 of every group")
     return gathered
 
