@@ -40,6 +40,22 @@ def steps_in(out_dir: Path) -> list[int]:
     return [int(p.name[5:]) for p in list_checkpoints(out_dir)]
 
 
+@pytest.fixture(scope="module")
+def three_steps(data_dir, tmp_path_factory) -> Path:
+    """A finished 3-step run (checkpoint at step 3), trained once; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("three_steps") / "run"
+    fit(tiny_config(data_dir, out, train__max_steps=3))
+    return out
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A copy of a finished run folder (resuming never looks at where a checkpoint was written)."""
+    import shutil
+
+    shutil.copytree(run, dst)
+    return dst
+
+
 def test_resuming_an_older_checkpoint_branches_without_losing_the_newer_run(data_dir, tmp_path, faults, capsys):
     out = tmp_path / "br"
     old = fit(tiny_config(data_dir, out, train__max_steps=12, checkpoint__interval=2))
@@ -110,8 +126,7 @@ def flip_bytes(path: Path, value: int) -> None:
 
 def test_damaged_checkpoint_is_detected_and_auto_falls_back(data_dir, tmp_path, capsys):
     straight = fit(tiny_config(data_dir, tmp_path / "straight", train__max_steps=6))
-    out = tmp_path / "run"
-    fit(tiny_config(data_dir, out, train__max_steps=6))
+    out = copy_run(tmp_path / "straight", tmp_path / "run")
     flip_bytes(out / "step-00000006" / "__0_0.distcp", 0xFF)
     # resuming the damaged checkpoint by name: one line, exit 2
     code, err = run_main(capsys, tiny_config(data_dir, out, resume=str(out / "step-00000006"), train__max_steps=9))
@@ -187,9 +202,8 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused_until_the_first_dies(da
     ("no_model_config", "model_config.yaml: missing"),
     ("code_in_metadata", "refused to load posix.system from checkpoint metadata"),
 ])
-def test_damaged_checkpoints_are_one_line_exit_2(damage, needle, data_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    fit(tiny_config(data_dir, out, train__max_steps=3))
+def test_damaged_checkpoints_are_one_line_exit_2(damage, needle, data_dir, tmp_path, capsys, three_steps):
+    out = copy_run(three_steps, tmp_path / "run")
     ck = out / "step-00000003"
     marker = tmp_path / "pwned"
     if damage == "truncate":
@@ -249,7 +263,7 @@ def test_bad_data_is_one_line_exit_2(problem, needle, data_dir, tmp_path, capsys
     assert code == 2 and err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
 
 
-def test_out_dir_that_is_a_file_and_a_full_disk_are_one_line(data_dir, tmp_path, capsys, monkeypatch):
+def test_out_dir_that_is_a_file_and_a_full_disk_are_one_line(data_dir, tmp_path, capsys, monkeypatch, three_steps):
     afile = tmp_path / "afile"
     afile.write_text("x")
     code, err = run_main(capsys, tiny_config(data_dir, afile, train__max_steps=2))
@@ -270,8 +284,7 @@ def test_out_dir_that_is_a_file_and_a_full_disk_are_one_line(data_dir, tmp_path,
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    out = tmp_path / "run"
-    fit(tiny_config(data_dir, out, train__max_steps=3))  # a good checkpoint at 3
+    out = copy_run(three_steps, tmp_path / "run")  # a good checkpoint at 3
     monkeypatch.setattr(fs, "_write_item", full)
     code, err = run_main(capsys, tiny_config(data_dir, out, train__max_steps=6))
     assert code == 3 and err == f"error: {out / 'step-00000006'}: could not write the checkpoint (No space left " \
