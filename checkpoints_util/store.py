@@ -23,7 +23,6 @@ checkpoint cannot run code. Multi-node runs need out_dir on a filesystem shared 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from amp_common.atomic import WriteError, atomic_write_json, atomic_write_text, fsync_tree, replace_dir
+from amp_common.checksum import file_sha256
 from amp_common.dist import distributed, gather_objects, rank, world
 from amp_common.quiet import quiet_checkpoint_warnings
 from checkpoints_util.layout import (
@@ -51,20 +51,10 @@ from checkpoints_util.layout import (
     step_of,
 )
 
-HASH_CHUNK = 1 << 24
-
 
 def _first_error(errors: list[BaseException | None]) -> BaseException | None:
     return next((e for e in errors if e is not None), None)
 
-
-# ------------------------------------------------------------------------------------------- checksums
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _my_files(folder: Path, rank: int) -> list[Path]:
@@ -90,7 +80,7 @@ def verify(path: Path) -> str | None:
             problem = f"{f}: missing"
         elif f.stat().st_size != want["bytes"]:
             problem = f"{f}: {f.stat().st_size} bytes, {want['bytes']} bytes when saved (truncated or damaged)"
-        elif file_digest(f) != want["sha256"]:
+        elif file_sha256(f) != want["sha256"]:
             problem = f"{f}: sha256 differs from the one recorded at save time (damaged)"
         if problem:
             break
@@ -127,7 +117,7 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], meta: dict[
     _raise_any(error, tmp)
     files = {}
     try:
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in _my_files(tmp, rank())}
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in _my_files(tmp, rank())}
     except Exception as e:  # noqa: BLE001
         error = e
     everyone = gather_objects((files, error))
@@ -137,7 +127,7 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], meta: dict[
             atomic_write_text(tmp / CONFIG_FILE, yaml.safe_dump(meta["config"], sort_keys=False))
             atomic_write_text(tmp / MODEL_CONFIG_FILE, yaml.safe_dump(meta["model_config"], sort_keys=False))
             for name in (CONFIG_FILE, MODEL_CONFIG_FILE):
-                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_digest(tmp / name)}
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
             for f, _ in everyone[1:]:
                 files.update(f)
             fsync_tree(tmp)

@@ -57,7 +57,7 @@ def resolve_tokenizer(ck, spec: str | None) -> TokenizerInfo | None:
         path = Path(spec)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such tokenizer file")
-    from data.tokenizer import file_sha256
+    from amp_common.checksum import file_sha256
 
     if recorded and recorded.get("sha256") and file_sha256(path) != recorded["sha256"]:
         raise CheckpointError(f"{path}: not the tokenizer the training data was prepared with (sha256 differs "

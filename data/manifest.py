@@ -96,7 +96,7 @@ def check_shards(split_dir: str | os.PathLike, manifest: dict) -> list[tuple[Pat
 
 def check_tokenizer(manifest: dict, tokenizer, where: str | os.PathLike = "manifest") -> None:
     """DataError unless `tokenizer` (a data.tokenizer.Tokenizer or a model path) is the one used."""
-    from data.tokenizer import file_sha256
+    from amp_common.checksum import file_sha256
 
     path = getattr(tokenizer, "path", tokenizer)
     try:

@@ -15,7 +15,6 @@ Regenerate the demo tokenizer (deterministic for a given sentencepiece version):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from amp_common.checksum import file_sha256
 from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import DataError
 
@@ -34,15 +34,6 @@ SAMPLE_TRAIN = SAMPLE_DIR / "c4-train.00000-of-00001.json.gz"
 SAMPLE_VAL = SAMPLE_DIR / "c4-validation.00000-of-00001.json.gz"
 MIN_VOCAB = 3 + 256 + 1  # unk/bos/eos, the byte-fallback pieces, one character
 MAX_VOCAB = 2**31 - 1  # SentencePiece stores the size as an int32
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Checksum recorded in manifests: the model file's bytes define the token ids."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Tokenizer:

@@ -12,11 +12,11 @@ import textwrap
 import numpy as np
 import pytest
 
+from amp_common.checksum import file_sha256
 from data.errors import DataError
 from data.prepare import main, prepare_split
 from data.readers import expand_sources
 from data.shards import dtype_for_vocab, open_shard, read_header, write_shard
-from data.tokenizer import file_sha256
 from helpers.corpus import (
     MISTRAL,
     REPO,

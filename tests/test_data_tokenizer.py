@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from amp_common.checksum import file_sha256
 from data.errors import DataError
-from data.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from data.tokenizer import Tokenizer, train_tokenizer
 from helpers.corpus import MISTRAL, SAMPLE_TOKENIZER, c4_lines, make_texts, write_gz
 
 UNSEEN = "日本語のテキスト ☃ \u0001 Ωmega"  # characters the demo model never saw -> byte fallback

@@ -224,11 +224,11 @@ def test_damaged_checkpoints_are_one_line_exit_2(damage, needle, data_dir, tmp_p
                 return os.system, (f"touch {marker}",)
 
         (ck / ".metadata").write_bytes(pickle.dumps(Evil()))
-        from checkpoints_util.store import file_digest
+        from amp_common.checksum import file_sha256
 
         trainer = json.loads((ck / "trainer.json").read_text())
         trainer["files"][".metadata"] = {"bytes": (ck / ".metadata").stat().st_size,
-                                         "sha256": file_digest(ck / ".metadata")}
+                                         "sha256": file_sha256(ck / ".metadata")}
         (ck / "trainer.json").write_text(json.dumps(trainer))
     code, err = run_main(capsys, tiny_config(data_dir, out, resume=str(ck), train__max_steps=6))
     assert code == 2 and err.startswith("error: ") and needle in err and len(err.splitlines()) == 1, err
