@@ -256,15 +256,12 @@ def read_metadata(path: Path):
         raise CheckpointError(f"{path / '.metadata'}: unreadable ({' '.join(str(e).split())})") from None
 
 
-def load_checkpoint(path: Path, state: dict[str, Any], verify_files: bool = True) -> dict[str, Any]:
-    """Verify `path` and load it into the `Stateful` entries of `state` (collective). Returns trainer.json."""
+def load_checkpoint(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Load `path` into the `Stateful` entries of `state` (collective). Returns trainer.json. The files are not
+    hashed again here: the caller verifies first (`verify`; the trainer's resume does, for every candidate)."""
     import torch.distributed.checkpoint as dcp
 
     trainer = read_trainer(path)
-    if verify_files:
-        problem = verify(path)
-        if problem:
-            raise CheckpointError(problem)
     read_metadata(path)  # a clear error for a damaged .metadata before DCP's own
     try:
         with quiet_checkpoint_warnings():

@@ -187,7 +187,7 @@ def _load(path: Path, model, optimizer, data, state: TrainState, model_config) -
     if diff:
         raise CheckpointError(f"{path / MODEL_CONFIG_FILE}: the checkpoint's model differs from this run's in "
                               + ", ".join(f"{k} ({saved.get(k)!r} vs {now.get(k)!r})" for k in diff[:5]))
-    store.load_checkpoint(path, _checkpoint_state(model, optimizer, data, state), verify_files=False)
+    store.load_checkpoint(path, _checkpoint_state(model, optimizer, data, state))  # resume.choose verified it
 
 
 def _print_start(fabric, cfg, p, model_config, steps: Steps, optimizer) -> None:
