@@ -40,9 +40,8 @@ BYTES_PER_PARAM = {"adamw_fused": 28, "adam_mini_native": 20, "adam_mini_native_
 
 
 def make_model(config, seed=0):
-    torch.manual_seed(seed)
     model = models.build_model(config, device="cpu")
-    models.init_model(model, config.n_layer, config.n_embd)
+    models.init_model(model, config.n_layer, config.n_embd, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3

@@ -42,9 +42,11 @@ import sys
 import time
 from pathlib import Path
 
+from amp_common.atomic import atomic_write_text
+from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("AMP_SHARED", ROOT.parent / "shared")) / "corpus" / "c4"
-SAMPLE_TEXT = ROOT / "data" / "sample" / "c4-train.00000-of-00001.json.gz"
 WORK = ROOT / "out" / "bench_optcmp"
 
 _LLAMA4 = dict(n_layer=4, n_head=4, n_query_groups=2, block_size=256)
@@ -160,10 +162,10 @@ def run_grid(specs: list[dict], work_dir: Path, jobs: int) -> dict[str, dict]:
         while todo and len(running) < jobs:
             spec = todo.pop(0)
             out = work_dir / f"{run_name(spec)}.json"
-            log = open(work_dir / f"{run_name(spec)}.log", "w")
-            proc = subprocess.Popen([sys.executable, "-m", "benchmarks.optimizer_comparison", "--worker",
-                                     json.dumps(spec), "--worker-out", str(out)],
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            with open(work_dir / f"{run_name(spec)}.log", "w") as log:  # the child keeps its own handle
+                proc = subprocess.Popen([sys.executable, "-m", "benchmarks.optimizer_comparison", "--worker",
+                                         json.dumps(spec), "--worker-out", str(out)],
+                                        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
             running.append((proc, spec, out))
             print(f"started {run_name(spec)}", flush=True)
         time.sleep(2)
@@ -184,11 +186,11 @@ def run_grid(specs: list[dict], work_dir: Path, jobs: int) -> dict[str, dict]:
 def ensure_data(shape: str) -> tuple[Path, Path]:
     """(tokenizer, prepared data folder) of a shape, made on first use."""
     vocab = SHAPES[shape]["vocab"]
-    tokenizer = ROOT / "data" / "sample" / "tokenizer.model"
+    tokenizer = SAMPLE_TOKENIZER
     if vocab != 4096:  # trained like the demo tokenizer (data/sample/SOURCES.md), with another vocabulary size
         tokenizer = WORK / f"tokenizer-{vocab}" / "tokenizer.model"
         if not tokenizer.is_file():
-            cmd = [sys.executable, "-m", "data.tokenizer", "--input", str(SAMPLE_TEXT), "--out", str(tokenizer),
+            cmd = [sys.executable, "-m", "data.tokenizer", "--input", str(SAMPLE_TRAIN), "--out", str(tokenizer),
                    "--vocab-size", str(vocab), "--seed", "0", "--input-sentence-size", "300000", "--num-threads", "2"]
             print("training the tokenizer:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
@@ -372,10 +374,7 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     if args.worker:
-        rec = train_one(json.loads(args.worker))
-        tmp = Path(args.worker_out + ".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, args.worker_out)
+        atomic_write_text(args.worker_out, json.dumps(train_one(json.loads(args.worker))))
         return 0
     if not CORPUS.is_dir() or not list(CORPUS.glob("c4-train.*.json.gz")):
         print(f"skipped: the shared C4 corpus is not at {CORPUS} (set AMP_SHARED to the shared/ folder)")
