@@ -109,10 +109,14 @@ def activation_bytes(config, seq_len: int, micro_batch: int) -> int:
     return checkpoints + one_block + logits
 
 
+def static_bytes(b: dict, opt: str) -> int:
+    """Per-GPU weights, grads, `opt`'s state and the bf16 transient of `per_gpu_bytes` (no activations)."""
+    return b["weights"] + b["grads"] + b[opt] + b["transient"]
+
+
 def min_gpus(units, act: int, reserve: int, card: int, opt: str, limit: int = 256) -> int | None:
     for w in range(1, limit + 1):
-        b = per_gpu_bytes(units, w)
-        if b["weights"] + b["grads"] + b[opt] + b["transient"] + act + reserve <= card:
+        if static_bytes(per_gpu_bytes(units, w), opt) + act + reserve <= card:
             return w
     return None
 
@@ -210,7 +214,7 @@ def main() -> None:
         for w in WORLD_SIZES:
             b = per_gpu_bytes(units, w)
             for opt in OPTIMIZERS:
-                total = b["weights"] + b["grads"] + b[opt] + b["transient"]
+                total = static_bytes(b, opt)
                 need = total + act + reserve
                 rows.append(dict(model=name, params=params, world=w, optimizer=opt, weights=b["weights"],
                                  grads=b["grads"], optimizer_state=b[opt], transient=b["transient"],

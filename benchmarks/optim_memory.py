@@ -56,9 +56,9 @@ def seven_b_on_one_gpu(card_gib: int = 80) -> dict:
     reserve), per optimizer, and whether it fits `card_gib`."""
     config = models.get_config("llama2-7b")
     b = memory_table.per_gpu_bytes(memory_table.fsdp_units(config), 1)
-    extra = b["weights"] + b["grads"] + b["transient"] + memory_table.activation_bytes(config, 2048, 1) + 2 * GIB
-    return {opt: dict(need_gib=(extra + b[opt]) / GIB, fits=extra + b[opt] <= card_gib * GIB)
-            for opt in memory_table.OPTIMIZERS}
+    extra = memory_table.activation_bytes(config, 2048, 1) + 2 * GIB
+    need = {opt: memory_table.static_bytes(b, opt) + extra for opt in memory_table.OPTIMIZERS}
+    return {opt: dict(need_gib=n / GIB, fits=n <= card_gib * GIB) for opt, n in need.items()}
 
 
 def main() -> None:
