@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from helpers.checkpoints import DATA_POSITION, model_config, random_model, train_config_dict
+from helpers.checkpoints import model_config, random_model, save_checkpoint_of, train_config_dict
 from helpers.dist import spawn
 
 WORLD = 2
@@ -46,16 +46,8 @@ def _save_new_format(out_dir: str, fsdp, opt, optimizer: str) -> None:
     """What the trainer writes: one DCP folder of Stateful entries (collective)."""
     from pathlib import Path
 
-    from checkpoints_util.store import save_checkpoint
-    from optim.state import OptimizerState
-    from pretrain.checkpoint import ModelState, TrainState
-
-    state = {"model": ModelState(fsdp), "optimizer": OptimizerState(opt),
-             "data": {k: torch.tensor(v) for k, v in DATA_POSITION.items()}, "trainer": TrainState(STEP, STEP * 4096)}
-    meta = {"trainer": {"tokens_seen": STEP * 4096, "world_size": WORLD, "strategy": "fsdp", "precision": "32-true",
-                        "optimizer": optimizer, "model_name": "debug", "reason": "interval"},
-            "config": train_config_dict(out_dir), "model_config": dataclasses.asdict(model_config())}
-    save_checkpoint(Path(out_dir), STEP, state, meta)
+    save_checkpoint_of(Path(out_dir), STEP, fsdp, opt, STEP * 4096, world_size=WORLD, strategy="fsdp",
+                       optimizer_name=optimizer)
 
 
 def _worker(rank: int, world: int, out_dir: str, adamw_dir: str) -> None:

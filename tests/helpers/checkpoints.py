@@ -69,8 +69,9 @@ DATA_POSITION = {"version": 2, "epoch": 0, "position": 5, "windows_consumed": 5,
                  "seq_len": 256, "num_tokens": 10_000}
 
 
-def save_checkpoint_of(out_dir: Path, step: int, model, optimizer, tokens_seen: int, data_dir=None) -> Path:
-    """A checkpoint of `model` and `optimizer` written by the real writer, in this process."""
+def save_checkpoint_of(out_dir: Path, step: int, model, optimizer, tokens_seen: int, data_dir=None, world_size: int = 1,
+                       strategy: str = "single", optimizer_name: str = "adam_mini") -> Path:
+    """A checkpoint of `model` and `optimizer` written by the real writer (collective under torch.distributed)."""
     from checkpoints_util.store import save_checkpoint
     from optim.state import OptimizerState
     from pretrain.checkpoint import ModelState, TrainState
@@ -78,9 +79,9 @@ def save_checkpoint_of(out_dir: Path, step: int, model, optimizer, tokens_seen: 
     state = {"model": ModelState(model), "optimizer": OptimizerState(optimizer),
              "data": {k: torch.tensor(v) for k, v in DATA_POSITION.items()},
              "trainer": TrainState(step, tokens_seen)}
-    meta = {"trainer": {"tokens_seen": tokens_seen, "world_size": 1, "strategy": "single", "precision": "32-true",
-                        "optimizer": "adam_mini", "model_name": CONFIG_NAME, "loss": 3.25, "val_loss": 3.5,
-                        "reason": "interval"},
+    meta = {"trainer": {"tokens_seen": tokens_seen, "world_size": world_size, "strategy": strategy,
+                        "precision": "32-true", "optimizer": optimizer_name, "model_name": CONFIG_NAME, "loss": 3.25,
+                        "val_loss": 3.5, "reason": "interval"},
             "config": train_config_dict(out_dir, data_dir), "model_config": dataclasses.asdict(model_config())}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return save_checkpoint(Path(out_dir), step, state, meta)
