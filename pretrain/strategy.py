@@ -134,10 +134,7 @@ def _fsdp2_parallelize(model: GPT, mesh, p: Plan, model_config: Config, seed: in
     wrap_blocks(model, p)
     for block in model.transformer.h:
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    in_blocks = {id(m) for block in model.transformer.h for m in block.modules()}
-    for m in model.modules():
-        if id(m) not in in_blocks:
-            materialize(m, model_config, seed, recurse=False)
+    materialize(model, model_config, seed)  # the rest (embeddings, final norm, head): the Blocks hold no meta tensor
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
     return model
 
