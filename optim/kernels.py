@@ -135,7 +135,7 @@ def _hyper_tensor(cache: dict, hyper: StepHyper, device: torch.device) -> torch.
     return cache[key]
 
 
-def step_rows(items: list[UnitStep]) -> None:
+def step_rows(items: list[UnitStep], hps: dict) -> None:
     """Units of complete blocks without all-reduce: one `rows_update` call per group of equally shaped chunks."""
     groups: dict[tuple, list] = {}
     for it in items:
@@ -145,15 +145,13 @@ def step_rows(items: list[UnitStep]) -> None:
             views = (it.p[sl].view(c.rows, c.length), it.g[sl].view(c.rows, c.length),
                      it.m[sl].view(c.rows, c.length), it.v[c.block:c.block + c.rows])
             groups.setdefault(key, []).append(views)
-    hps: dict = {}
     for (rows, length, decay, hyper, p_dtype, g_dtype, m_dtype, device), entries in groups.items():
         kernel = _kernel(rows_update, (rows, length, len(entries), decay, p_dtype, g_dtype, m_dtype, device.type))
         kernel(*(list(x) for x in zip(*entries)), _hyper_tensor(hps, hyper, device), decay)
 
 
-def step_chunks(items: list[UnitStep], scales: list[torch.Tensor]) -> None:
+def step_chunks(items: list[UnitStep], scales: list[torch.Tensor], hps: dict) -> None:
     """Any units, given their per-block step sizes (`optim.eager.block_scales`): one `chunk_update` call per chunk."""
-    hps: dict = {}
     for it, scale in zip(items, scales):
         hp = _hyper_tensor(hps, it.hyper, it.p.device)
         for c in it.plan.chunks:
@@ -167,7 +165,8 @@ def step(items: list[UnitStep]) -> None:
     """The whole compiled update of these units: `step_rows` where the blocks stand alone, else `step_chunks`."""
     rows = [it for it in items if it.stands_alone]
     rest = [it for it in items if not it.stands_alone]
+    hps: dict = {}  # one hyper-parameter tensor per (step record, device), shared by both kinds of call
     if rows:
-        step_rows(rows)
+        step_rows(rows, hps)
     if rest:
-        step_chunks(rest, block_scales(rest))
+        step_chunks(rest, block_scales(rest), hps)
