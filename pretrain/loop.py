@@ -86,10 +86,15 @@ def fit(cfg: PretrainConfig) -> Result:
     with StopRequest() as stop:
         run = setup(cfg)
         try:
-            return train(run, stop)
+            result = train(run, stop)
+        except NonFiniteLossError:  # every rank raises it at the same step (the loss is all-reduced)
+            strategy.end_process_group(run.fabric)
+            raise
         finally:
             run.log.close()
             run.lock.release()
+    strategy.end_process_group(run.fabric)
+    return result
 
 
 # -------------------------------------------------------------------------------------------- setup

@@ -185,3 +185,16 @@ def optimizer_target(fabric_module) -> nn.Module:
 def state_dict_module(fabric_module) -> nn.Module:
     """The module whose state dict is saved: torch's `get_model_state_dict` names it by original FQNs."""
     return fabric_module._forward_module
+
+
+def end_process_group(fabric: L.Fabric) -> None:
+    """Tear the process group down while the interpreter is whole, once every rank is done with it.
+
+    Left to the interpreter's exit, a gloo worker thread may still hold the last collective's work object and
+    the process aborts ("terminate called without an active exception", exit -6 instead of the app's code).
+    Called only where all ranks end together (done, stopped by a signal, non-finite loss): after an error on
+    one rank the others may be inside a collective, and NCCL's teardown could then wait for them.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        fabric.barrier()  # no rank closes its connections while another still reads from them
+        torch.distributed.destroy_process_group()

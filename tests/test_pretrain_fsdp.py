@@ -13,7 +13,7 @@ import pytest
 
 from checkpoints_util.layout import latest_checkpoint
 from helpers.checkpoints import assert_close_tensors, assert_same_tensors, checkpoint_tensors
-from helpers.faults import recorded_steps
+from helpers.faults import PG_LEFT, recorded_steps
 from helpers.runs import cli_args, logged_losses, run_pretrain, tiny_config
 from helpers.sharding import cut_blocks
 from pretrain.loop import fit
@@ -33,6 +33,8 @@ def config(data_dir, out_dir, world: int, strategy: str = "fsdp", **extra):
 def launch(cfg, faults: str = "", record=None) -> str:
     code, out = run_pretrain(cli_args(cfg), faults, record)
     assert code == 0, out
+    if faults or record:  # through fault_run.py: every rank tore its process group down before exit
+        assert PG_LEFT not in out, out
     return out
 
 

@@ -14,6 +14,8 @@ import math
 import os
 import signal
 
+PG_LEFT = "process group left initialised at exit"  # printed by fault_run.py
+
 
 def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SIGUSR1,
             no_block_allreduce: int = 0, hang_in_save: int = 0) -> None:
