@@ -218,6 +218,16 @@ def grid_lrs(results: dict[str, dict], variant: str, seed: int) -> list[float]:
     return sorted(r["spec"]["lr"] for r in runs_of(results, variant, seed))
 
 
+def check_some_converged(results: dict[str, dict], variants: list[str], seed: int, work_dir: Path) -> None:
+    """A variant whose every lr diverged has no best lr to extend, confirm or report: say so in one line."""
+    for v in variants:
+        runs = runs_of(results, v, seed)
+        if not any(math.isfinite(r["final_val"]) for r in runs):
+            lrs = ", ".join(f"{lr:g}" for lr in sorted(r["spec"]["lr"] for r in runs))
+            raise SystemExit(f"error: every lr of {v} diverged ({lrs}); try smaller --lrs (the finished runs in "
+                             f"{work_dir} are reused)")
+
+
 def check_identical(results: dict[str, dict]) -> None:
     """Every run must have started from the same weights (per seed) and seen the same batches (per seed)."""
     for key in ("sha256_init", "sha256_val_batches", "sha256_train_batches"):
@@ -364,6 +374,12 @@ def parse(argv=None) -> argparse.Namespace:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         ap.error(f"argument --variants: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    try:
+        args.lrs = [float(x) for x in args.lrs.split(",")]
+    except ValueError:
+        ap.error(f"argument --lrs: expected comma-separated numbers such as 2e-3,4e-3, got {args.lrs!r}")
+    if not all(math.isfinite(lr) and lr > 0 for lr in args.lrs):
+        ap.error(f"argument --lrs: every lr must be a positive number, got {args.lrs}")
     for name in ("steps", "warmup_steps", "batch_size", "seq_len", "eval_interval", "val_batches", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1 and not (name == "warmup_steps" and value == 0):
@@ -392,8 +408,8 @@ def main(argv=None) -> int:
                     warmup_steps=args.warmup_steps, eval_interval=args.eval_interval, val_batches=args.val_batches,
                     threads=1)
 
-    lrs = [float(x) for x in args.lrs.split(",")]
-    results = run_grid([spec(v, lr, args.seed) for v in variants for lr in lrs], work_dir, args.jobs)
+    results = run_grid([spec(v, lr, args.seed) for v in variants for lr in args.lrs], work_dir, args.jobs)
+    check_some_converged(results, variants, args.seed, work_dir)
     for _ in range(args.max_extend):
         new = []
         for v in variants:

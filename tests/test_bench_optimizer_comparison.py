@@ -22,6 +22,23 @@ def test_check_identical_refuses_runs_that_saw_other_batches():
         oc.check_identical(bad)
 
 
+def test_all_diverged_variant_is_one_line(tmp_path):
+    res = _results([_run("adamw", 1e-3, 0, 4.0), _run("adam_mini", 1e-3, 0, float("nan")),
+                    _run("adam_mini", 2e-3, 0, float("inf")), _run("adam_mini", 1e-3, 1, 4.0)])
+    oc.check_some_converged(res, ["adamw"], 0, tmp_path)
+    with pytest.raises(SystemExit, match=r"every lr of adam_mini diverged \(0.001, 0.002\); try smaller --lrs"):
+        oc.check_some_converged(res, ["adamw", "adam_mini"], 0, tmp_path)  # seed 1 converged: not this seed's grid
+
+
+@pytest.mark.parametrize("lrs, why", [("2e-3,abc", "comma-separated numbers"), ("4e-3,0", "positive"),
+                                      ("nan", "positive"), ("", "comma-separated numbers")])
+def test_bad_lrs_are_one_line(lrs, why, capsys):
+    with pytest.raises(SystemExit) as e:
+        oc.parse(["--lrs", lrs])
+    assert e.value.code == 2 and why in capsys.readouterr().err
+    assert oc.parse(["--lrs", "2e-3,4e-3"]).lrs == [2e-3, 4e-3]
+
+
 def test_best_lr_gaps_and_verdict():
     res = _results([_run("adamw", 1e-3, 0, 4.2), _run("adamw", 2e-3, 0, 4.0), _run("adam_mini", 1e-3, 0, 3.9),
                     _run("adam_mini", 2e-3, 0, float("nan")), _run("adamw", 2e-3, 1, 4.1),
