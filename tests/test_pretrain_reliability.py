@@ -86,8 +86,9 @@ def test_resuming_an_older_checkpoint_branches_without_losing_the_newer_run(data
 
 
 def test_a_checkpoint_replaced_mid_rename_is_put_back(tmp_path, monkeypatch):
-    """Saving a step again moves the old folder aside before the new one is renamed into place: a crash
-    in between (or a failing rename) must leave one complete checkpoint of that step, never none."""
+    """Saving a step again (or converting one in place) moves the old folder aside before the new one is renamed
+    into place: a crash in between (or a failing rename) must leave one complete checkpoint of that step, never
+    none, and no work folder behind."""
     from pathlib import Path as P
 
     from amp_common.atomic import replace_dir
@@ -102,10 +103,20 @@ def test_a_checkpoint_replaced_mid_rename_is_put_back(tmp_path, monkeypatch):
     complete(out / ".tmp-step-00000004", "new")   # ... and before the new one was renamed
     complete(out / ".old-step-00000006", "old6")  # killed before the new step-6 was complete
     (out / ".tmp-step-00000006").mkdir()
+    # an in-place `amp-ckpt convert` killed after keeping the original and before renaming the new one ...
+    (out / "format1-step-00000008").mkdir()
+    (out / ".convert-step-00000008-ab12").mkdir()
+    complete(out / ".convert-step-00000008-ab12" / "step-00000008", "converted8")
+    complete(out / "step-00000010", "10")  # ... and one killed while still writing (step-10 untouched)
+    (out / ".convert-step-00000010-cd34").mkdir()
+    (out / ".convert-step-00000010-cd34" / ".tmp-step-00000010").mkdir()
     remove_partial(out)
-    assert sorted(p.name for p in out.iterdir()) == ["step-00000004", "step-00000006"]
+    assert sorted(p.name for p in out.iterdir()) == ["format1-step-00000008", "step-00000004", "step-00000006",
+                                                     "step-00000008", "step-00000010"]
     assert (out / "step-00000004" / "trainer.json").read_text() == "new"
     assert (out / "step-00000006" / "trainer.json").read_text() == "old6"
+    assert (out / "step-00000008" / "trainer.json").read_text() == "converted8"
+    assert (out / "step-00000010" / "trainer.json").read_text() == "10"
 
     complete(out / "new", "newer")
     real = P.rename
