@@ -5,7 +5,7 @@
 | 0 | done (pretrain: also stopped by SIGUSR1 after saving, so a SLURM job can requeue) |
 | 1 | pretrain: the loss or gradient became NaN/inf; nothing was saved after the last good checkpoint |
 | 2 | bad input: an option, config file, data folder or checkpoint is wrong (one line names it) |
-| 3 | the disk: out of space or not writable while writing (one line names the path; nothing half-written) |
+| 3 | the disk: no space, not writable, or a file the OS could not read (one line names it; nothing half-written) |
 | 130 | interrupted (Ctrl-C) |
 | 143 | pretrain: stopped by SIGTERM after saving (128 + 15) |
 """

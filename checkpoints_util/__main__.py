@@ -7,8 +7,8 @@
 
 CKPT is a `step-XXXXXXXX/` folder or a run folder (its newest complete checkpoint). Runs in one process
 on CPU, whatever strategy and world size wrote the checkpoint. Exit status (amp_common/exits.py): 0 done,
-2 a checkpoint or usage error, 3 the disk (no space, not writable), 130 interrupted; errors are one line
-on stderr naming the path and the problem, and nothing half-written is left.
+2 a checkpoint or usage error, 3 the disk (no space, not writable, a file the OS could not read), 130
+interrupted; errors are one line on stderr naming the path and the problem, and nothing half-written is left.
 """
 from __future__ import annotations
 

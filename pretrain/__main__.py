@@ -2,8 +2,8 @@
 
 Exit status (amp_common/exits.py): 0 done (or stopped by SIGUSR1 after saving: requeue), 143 stopped by
 SIGTERM after saving, 1 non-finite loss (nothing saved; the newest checkpoint is the last good state),
-2 a configuration, data or checkpoint error, 3 the disk (no space, not writable), 130 interrupted. Every
-error is one line on stderr that names the option, file or folder.
+2 a configuration, data or checkpoint error, 3 the disk (no space, not writable, a file the OS could not
+read), 130 interrupted. Every error is one line on stderr that names the option, file or folder.
 """
 from __future__ import annotations
 
