@@ -37,6 +37,11 @@ class BatchStream:
                                   global_batch=cfg.train.global_batch_tokens // cfg.data.seq_len)
         self.vocab_size = vocab_size
         self._it = None
+        tokenizer_vocab = self.loader.vocab_size  # refused here, on every rank at once, before any collective
+        if tokenizer_vocab > vocab_size:
+            raise DataError(self.loader.split_dir, f"was tokenised with a {tokenizer_vocab:,}-piece tokenizer "
+                            f"(manifest.json), but the model has {vocab_size:,} embeddings: prepare the data with "
+                            f"the model's tokenizer or set --model.overrides '{{vocab_size: ...}}'")
 
     def next(self) -> torch.Tensor:
         if self._it is None:
@@ -55,7 +60,8 @@ class BatchStream:
 
 def check_batch(batch: torch.Tensor, vocab_size: int, loader) -> None:
     """Token ids must fit the model's embedding; checked on the CPU, before CUDA turns a mismatch into a
-    device-side assert (or the embedding into an IndexError)."""
+    device-side assert (or the embedding into an IndexError). The manifest's vocabulary is checked once at the
+    start (BatchStream); this catches ids that a damaged shard holds beyond it."""
     hi = int(batch.max())
     if hi >= vocab_size:
         raise DataError(loader.split_dir, f"holds token id {hi}, but the model has {vocab_size:,} embeddings: the "

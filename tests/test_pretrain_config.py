@@ -178,11 +178,25 @@ def test_print_config(capsys):
 
 
 def test_vocabulary_mismatch_is_refused(data_dir, tmp_path):
+    """Refused from the manifest when the stream is built, on every rank alike (rank 1 of 2 here), before any
+    batch is read; a batch holding an id beyond the model's embedding (a damaged shard) is refused too."""
+    import torch
+
     from data.errors import DataError
+    from data.loader import build_loader
+    from pretrain.batches import BatchStream, check_batch
     from pretrain.loop import fit
 
-    with pytest.raises(DataError, match="holds token id .* but the model has 1,000 embeddings"):
-        fit(tiny_config(data_dir, tmp_path / "run", model__overrides={"vocab_size": 1000}))
+    pieces = build_loader(str(data_dir), "train", 32, 2).vocab_size
+    cfg = tiny_config(data_dir, tmp_path / "run", model__overrides={"vocab_size": 1000})
+    with pytest.raises(DataError, match=f"tokenised with a {pieces:,}-piece tokenizer .* the model has 1,000 emb"):
+        BatchStream(cfg, 1, 2, 1000)
+    with pytest.raises(DataError, match="tokenised with a .* the model has 1,000 embeddings"):
+        fit(cfg)
+    assert not list((tmp_path / "run").glob("step-*"))
+    BatchStream(cfg, 1, 2, pieces)  # the tokenizer's own size fits
+    with pytest.raises(DataError, match="holds token id 4100, but the model has 4,096 embeddings"):
+        check_batch(torch.tensor([[1, 4100]]), 4096, build_loader(str(data_dir), "train", 32, 2))
 
 
 def test_model_names_match_the_registry():
