@@ -187,7 +187,8 @@ def test_vocabulary_mismatch_is_refused(data_dir, tmp_path):
     from pretrain.batches import BatchStream, check_batch
     from pretrain.loop import fit
 
-    pieces = build_loader(str(data_dir), "train", 32, 2).vocab_size
+    loader = build_loader(str(data_dir), "train", 32, 2)
+    pieces = loader.vocab_size
     cfg = tiny_config(data_dir, tmp_path / "run", model__overrides={"vocab_size": 1000})
     with pytest.raises(DataError, match=f"tokenised with a {pieces:,}-piece tokenizer .* the model has 1,000 emb"):
         BatchStream(cfg, 1, 2, 1000)
@@ -196,7 +197,7 @@ def test_vocabulary_mismatch_is_refused(data_dir, tmp_path):
     assert not list((tmp_path / "run").glob("step-*"))
     BatchStream(cfg, 1, 2, pieces)  # the tokenizer's own size fits
     with pytest.raises(DataError, match="holds token id 4100, but the model has 4,096 embeddings"):
-        check_batch(torch.tensor([[1, 4100]]), 4096, build_loader(str(data_dir), "train", 32, 2))
+        check_batch(torch.tensor([[1, 4100]]), 4096, loader)
 
 
 def test_model_names_match_the_registry():
