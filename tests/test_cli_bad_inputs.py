@@ -1,0 +1,254 @@
+"""Every command-line entry point over a table of bad inputs, each run as a user would (a subprocess from the
+repo root): no traceback, an exit code of `amp_common/exits.py`, one `error:` line on stderr that names the
+file or option, and no file created or changed outside the case's own output folder `{out}` (the case's
+folder, the shared fixtures and the repo checkout are compared before and after).
+
+The table is the place new cases go: append a `Case(id, argv, expect_rc, expect_in_message, setup)`.
+`argv` starts with the module to run (`pretrain`, `data.prepare`, `data.tokenizer`, `checkpoints_util`,
+`benchmarks.NAME`); these words in it are replaced (each is a path):
+
+| word | what |
+|---|---|
+| `{tmp}` | the case's own empty folder (crafted inputs go here; must not change during the run) |
+| `{out}` | `{tmp}/out`, not created: the only place the command may write |
+| `{data}` | a small prepared data folder shared by the module (must not change) |
+| `{ckpt}` | a run folder with one valid `debug` checkpoint, shared (must not change; `copy_ckpt` copies it) |
+| `{sample}` | `data/sample` of the repo (tokenizer.model, the sample sources) |
+
+`setup(tmp, fx)` builds crafted files under `tmp` before the run (`fx.data` / `fx.ckpt` are the shared
+fixtures). Keep rows fast: argument and config errors fail before any training.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from amp_common import exits
+from helpers.data import REPO, SAMPLE
+
+EXIT_CODES = {exits.OK, exits.NON_FINITE, exits.BAD_INPUT, exits.DISK, exits.INTERRUPTED, exits.SIGTERM}
+SKIP_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+# No tool writes source or docs; people edit them while tests run, so changes to these are not counted in the repo.
+EDITED_SUFFIXES = (".py", ".md")
+TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: list[str]
+    expect_rc: int
+    expect_in_message: str
+    setup: Optional[Callable[[Path, "Fixtures"], None]] = None
+
+
+class Fixtures:
+    """Inputs shared by the module's cases, built on first use."""
+
+    def __init__(self, root: Path, data_dir_factory: Callable[[], Path]):
+        self.root = root
+        self._data_dir_factory = data_dir_factory
+        self._data: Path | None = None
+        self._ckpt: Path | None = None
+
+    @property
+    def data(self) -> Path:
+        if self._data is None:
+            self._data = self._data_dir_factory()
+        return self._data
+
+    @property
+    def ckpt(self) -> Path:
+        if self._ckpt is None:
+            from helpers.checkpoints import random_model, save_checkpoint_of, trained_optimizer
+
+            model = random_model()
+            run = self.root / "ckpt-run"
+            save_checkpoint_of(run, 2, model, trained_optimizer(model), tokens_seen=512)
+            self._ckpt = run
+        return self._ckpt
+
+    def roots(self) -> list[Path]:
+        return [p for p in (self._data, self._ckpt) if p is not None]
+
+
+# ------------------------------------------------------------------------------------------ setups
+def write(name: str, content: bytes | str) -> Callable[[Path, Fixtures], None]:
+    """A setup writing `tmp/name` (bytes or text)."""
+    def setup(tmp: Path, fx: Fixtures) -> None:
+        p = tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return setup
+
+
+def gz(name: str, lines: list[bytes]) -> Callable[[Path, Fixtures], None]:
+    """A setup writing `tmp/name` as gzip'd lines."""
+    return write(name, gzip.compress(b"\n".join(lines) + b"\n"))
+
+
+def copy_ckpt(name: str = "run", damage: Callable[[Path], None] | None = None) -> Callable[[Path, Fixtures], None]:
+    """A setup copying the shared checkpoint run folder to `tmp/name`, then `damage(copy)` if given."""
+    def setup(tmp: Path, fx: Fixtures) -> None:
+        shutil.copytree(fx.ckpt, tmp / name)
+        if damage is not None:
+            damage(tmp / name)
+    return setup
+
+
+def both(*setups: Callable[[Path, Fixtures], None]) -> Callable[[Path, Fixtures], None]:
+    def setup(tmp: Path, fx: Fixtures) -> None:
+        for s in setups:
+            s(tmp, fx)
+    return setup
+
+
+# ------------------------------------------------------------------------------------------ the table
+PRETRAIN = ["pretrain", "--out_dir", "{out}", "--data.dir", "{data}", "--model.name", "debug",
+            "--train.max_steps", "2"]
+PREPARE = ["data.prepare", "--out", "{out}", "--no-progress", "--workers", "1"]
+
+CASES = [
+    # --- pretrain: options and config files
+    Case("pretrain-max-steps-0", [*PRETRAIN, "--train.max_steps", "0"], 2, "train.max_steps"),
+    Case("pretrain-unknown-option", [*PRETRAIN, "--train.nonsense", "1"], 2, "train.nonsense"),
+    Case("pretrain-bad-choice", [*PRETRAIN, "--optimizer.name", "sgd"], 2, "optimizer.name"),
+    Case("pretrain-not-a-number", [*PRETRAIN, "--optimizer.lr", "fast"], 2, "optimizer.lr"),
+    Case("pretrain-lr-nan", [*PRETRAIN, "--optimizer.lr", "nan"], 2, "optimizer.lr"),
+    Case("pretrain-config-missing", [*PRETRAIN, "--config", "{tmp}/missing.yaml"], 2, "missing.yaml"),
+    Case("pretrain-config-bad-yaml", [*PRETRAIN, "--config", "{tmp}/bad.yaml"], 2, "bad.yaml",
+         write("bad.yaml", "train: [unclosed\n")),
+    Case("pretrain-config-not-mapping", [*PRETRAIN, "--config", "{tmp}/list.yaml"], 2, "list.yaml",
+         write("list.yaml", "- 1\n- 2\n")),
+    Case("pretrain-config-unknown-key", [*PRETRAIN, "--config", "{tmp}/c.yaml"], 2, "train.speed",
+         write("c.yaml", "train:\n  speed: 3\n")),
+    Case("pretrain-config-binary", [*PRETRAIN, "--config", "{tmp}/c.yaml"], 2, "c.yaml",
+         write("c.yaml", b"\xff\xfe\x00garbage")),
+    Case("pretrain-override-unknown-field", [*PRETRAIN, "--model.overrides", "{n_layers: 2}"], 2, "n_layers"),
+    Case("pretrain-resume-not-step", [*PRETRAIN, "--resume", "{tmp}/elsewhere"], 2, "resume"),
+    Case("pretrain-data-missing", [*PRETRAIN, "--data.dir", "{tmp}/nodata",
+                                   "--train.global_batch_tokens", "256", "--data.seq_len", "32",
+                                   "--train.micro_batch_size", "2", "--system.accelerator", "cpu"], 2, "nodata"),
+    # --- data.prepare
+    Case("prepare-workers-0", [*PREPARE[:4], "--workers", "0"], 2, "--workers"),
+    Case("prepare-shard-tokens-0", [*PREPARE, "--shard-tokens", "0"], 2, "--shard-tokens"),
+    Case("prepare-train-missing", [*PREPARE, "--train", "{tmp}/nothing.json.gz"], 2, "nothing.json.gz"),
+    Case("prepare-unknown-format", [*PREPARE, "--train", "{tmp}/a.txt"], 2, "a.txt", write("a.txt", "hello\n")),
+    Case("prepare-not-gzip", [*PREPARE, "--train", "{tmp}/a.json.gz"], 2, "a.json.gz",
+         write("a.json.gz", "not gzip at all\n")),
+    Case("prepare-line-not-json", [*PREPARE, "--train", "{tmp}/a.json.gz"], 2, "line 2",
+         gz("a.json.gz", [b'{"text": "fine"}', b"{oops"])),
+    Case("prepare-no-text-field", [*PREPARE, "--train", "{tmp}/a.json.gz"], 2, "'text'",
+         gz("a.json.gz", [b'{"body": "x"}'])),
+    Case("prepare-tokenizer-missing", [*PREPARE, "--tokenizer", "{tmp}/no.model", "--train", "{tmp}/a.json.gz"],
+         2, "no.model", gz("a.json.gz", [b'{"text": "fine"}'])),
+    Case("prepare-tokenizer-garbage", [*PREPARE, "--tokenizer", "{tmp}/t.model", "--train", "{tmp}/a.json.gz"],
+         2, "t.model", both(gz("a.json.gz", [b'{"text": "fine"}']), write("t.model", b"\x00" * 64))),
+    # --- data.tokenizer
+    Case("tokenizer-vocab-too-small", ["data.tokenizer", "--out", "{out}/t.model", "--vocab-size", "10"],
+         2, "--vocab-size"),
+    Case("tokenizer-input-missing", ["data.tokenizer", "--out", "{out}/t.model", "--input", "{tmp}/no.json.gz"],
+         2, "no.json.gz"),
+    Case("tokenizer-threads-0", ["data.tokenizer", "--out", "{out}/t.model", "--num-threads", "0"],
+         2, "--num-threads"),
+    # --- amp-ckpt
+    Case("ckpt-inspect-missing", ["checkpoints_util", "inspect", "{tmp}/nothing"], 2, "nothing"),
+    Case("ckpt-inspect-empty-run", ["checkpoints_util", "inspect", "{tmp}/run"], 2, "run",
+         lambda tmp, fx: (tmp / "run").mkdir()),
+    Case("ckpt-consolidate-missing", ["checkpoints_util", "consolidate", "{tmp}/nothing", "--out", "{out}/m.pt"],
+         2, "nothing"),
+    Case("ckpt-export-missing", ["checkpoints_util", "export", "{tmp}/nothing", "--format", "litgpt",
+                                 "--out", "{out}"], 2, "nothing"),
+    Case("ckpt-convert-missing", ["checkpoints_util", "convert", "{tmp}/nothing", "--out", "{out}"], 2, "nothing"),
+    Case("ckpt-inspect-missing-file", ["checkpoints_util", "inspect", "--verify", "{tmp}/run"], 2, "trainer.json",
+         copy_ckpt("run", lambda run: next(run.glob("step-*/trainer.json")).unlink())),
+    # --- benchmarks that take input
+    Case("bench-data-throughput-workers", ["benchmarks.data_throughput", "--workers", "0"], 2, "--workers"),
+    Case("bench-data-throughput-loader-workers", ["benchmarks.data_throughput", "--loader-workers", "x"],
+         2, "--loader-workers"),
+    Case("bench-cpu-pretrain-runs", ["benchmarks.cpu_pretrain", "--runs", "tpu:2"], 2, "--runs"),
+]
+
+
+# ------------------------------------------------------------------------------------------ the check
+def snapshot(root: Path) -> dict[str, tuple]:
+    """relative path -> (kind, size, mtime_ns) of everything under `root` (caches and .git left out)."""
+    out: dict[str, tuple] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        base = Path(dirpath)
+        for d in dirnames:
+            out[str((base / d).relative_to(root)) + "/"] = ("dir",)
+        for f in filenames:
+            p = base / f
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                continue
+            out[str(p.relative_to(root))] = ("file", st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    return sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)})
+
+
+def substitute(arg: str, words: dict[str, str]) -> str:
+    for word, value in words.items():
+        arg = arg.replace("{" + word + "}", value)
+    return arg
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory, request):
+    return Fixtures(tmp_path_factory.mktemp("cli_fixtures"), lambda: request.getfixturevalue("data_dir"))
+
+
+def run_case(case: Case, tmp: Path, fx: Fixtures) -> tuple[int, str, str]:
+    if case.setup is not None:
+        case.setup(tmp, fx)
+    words = {"tmp": str(tmp), "out": str(tmp / "out"), "sample": str(SAMPLE)}
+    if any("{data}" in a for a in case.argv):
+        words["data"] = str(fx.data)
+    if any("{ckpt}" in a for a in case.argv):
+        words["ckpt"] = str(fx.ckpt)
+    argv = [substitute(a, words) for a in case.argv]
+    sys_tmp = tmp / "systmp"  # the tools' temporary files: must be gone when they exit
+    sys_tmp.mkdir()
+    roots = {"tmp": tmp, "repo": REPO, **{f"fixture{i}": r for i, r in enumerate(fx.roots())}}
+    before = {name: snapshot(root) for name, root in roots.items()}
+    env = {**os.environ, "TMPDIR": str(sys_tmp), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+    changed = []
+    for name, root in roots.items():
+        diff = changes(before[name], snapshot(root))
+        if name == "tmp":
+            diff = [k for k in diff if k.split("/")[0] not in ("out", "systmp")]
+        if name == "repo":
+            diff = [k for k in diff if not k.endswith(EDITED_SUFFIXES)]
+        changed += [f"{name}: {k}" for k in diff]
+    assert not changed, f"files created or changed outside {{out}}: {changed}"
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path: Path, fx: Fixtures):
+    assert case.expect_rc in EXIT_CODES, f"{case.id}: {case.expect_rc} is not an exit code of amp_common/exits.py"
+    rc, out, err = run_case(case, tmp_path, fx)
+    shown = f"rc={rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-3000:]}"
+    assert "Traceback" not in out + err, shown
+    assert rc == case.expect_rc, shown
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one 'error:' line on stderr\n{shown}"
+    assert case.expect_in_message in lines[0], f"{case.expect_in_message!r} not in the message\n{shown}"
