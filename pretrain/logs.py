@@ -110,7 +110,7 @@ class RunLog:
         return (f"{head} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | "
                 f"{metrics.human(r['tokens_per_s'])} tok/s ({metrics.human(r['tokens_per_s'] / world)}/dev) | "
                 f"{mfu}{r['s_per_step']:.2f} s/step | mem {r['max_memory_bytes'] / 2**30:.2f} GiB | "
-                f"ETA {metrics.duration(r['eta_s'])}")
+                f"ETA {'--' if r.get('eta_s') is None else metrics.duration(r['eta_s'])}")
 
     def close(self) -> None:
         if self._tb is not None:

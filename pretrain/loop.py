@@ -294,7 +294,7 @@ def _train_record(run: Run, lr: float, grad_norm: float, window: list[float], th
            "tokens_seen": state.tokens_seen, "tokens_per_s": tps, "tokens_per_s_per_device": tps / fabric.world_size,
            "s_per_step": sps, "max_memory_bytes": metrics.max_memory_bytes(fabric.device),
            "optimizer_state_bytes": optimizer_state_bytes(run.optimizer.optimizer),
-           "eta_s": (run.steps.total - state.step) * thr.mean_step_seconds()}
+           "eta_s": thr.eta_seconds(run.steps.total - state.step)}  # None at the first step
     peak = metrics.peak_flops(fabric.device, run.cfg.logging.peak_flops)
     mfu = metrics.mfu(models.flops_per_token(run.model_config, run.cfg.data.seq_len), tps, peak, fabric.world_size)
     if mfu is not None:

@@ -56,24 +56,30 @@ def max_memory_bytes(device: torch.device) -> int:
 
 
 class Throughput:
-    """Tokens/s over the steps since the last report; time spent outside training steps is excluded."""
+    """Tokens/s over the steps since the last report; time spent outside training steps is excluded.
 
-    def __init__(self) -> None:
+    `clock` is the time source (seconds; tests pass a fake one)."""
+
+    def __init__(self, clock=time.perf_counter) -> None:
+        self.clock = clock
         self.tokens = 0
         self.seconds = 0.0
         self.steps = 0
         self._t0: float | None = None
         self.total_seconds = 0.0
         self.total_steps = 0
+        self.first_step_seconds = 0.0  # includes compiling and warm-up: not a typical step
 
     def start_step(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
 
     def end_step(self, tokens: int) -> float:
-        dt = time.perf_counter() - self._t0
+        dt = self.clock() - self._t0
         self.tokens += tokens
         self.seconds += dt
         self.steps += 1
+        if self.total_steps == 0:
+            self.first_step_seconds = dt
         self.total_seconds += dt
         self.total_steps += 1
         return dt
@@ -85,8 +91,13 @@ class Throughput:
         self.tokens, self.seconds, self.steps = 0, 0.0, 0
         return tps, sps
 
-    def mean_step_seconds(self) -> float:
-        return self.total_seconds / self.total_steps if self.total_steps else 0.0
+    def eta_seconds(self, remaining_steps: int) -> float | None:
+        """Seconds for `remaining_steps` more steps at the mean pace of this process's steps after its first
+        (the first compiles and warms up: counting it would inflate the estimate of every later step); None
+        until a second step has been timed."""
+        if self.total_steps < 2:
+            return None
+        return remaining_steps * (self.total_seconds - self.first_step_seconds) / (self.total_steps - 1)
 
 
 def human(n: float, unit: str = "") -> str:

@@ -52,3 +52,18 @@ def test_peak_table_and_mfu_formula(monkeypatch):
         assert metrics.peak_flops(torch.device("cuda", 0)) == flops, name
     assert metrics.mfu(6e9, 1e4, 312e12, 8) == pytest.approx(6e13 / (312e12 * 8))
     assert metrics.mfu(6e9, 1e4, None, 8) is None
+
+
+def test_eta_leaves_out_the_first_step():
+    """The first step compiles and warms up (here 30 s, then 1 s per step): the ETA is the pace of the later
+    steps times the steps left; after the first step alone there is no estimate (None, "ETA --")."""
+    now = [0.0]
+    thr = metrics.Throughput(clock=lambda: now[0])
+    etas = []
+    for seconds in (30.0, 1.0, 1.0, 1.0):
+        thr.start_step()
+        now[0] += seconds
+        thr.end_step(tokens=10)
+        etas.append(thr.eta_seconds(100 - thr.total_steps))
+    assert etas == [None, 98.0, 97.0, 96.0]
+    assert thr.total_seconds == 33.0  # the training time reported at the end still counts every step
