@@ -70,9 +70,21 @@ HP = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0, min_lr_r
 
 
 def _repo_relative(path: Path) -> str:
-    """A path as written into results files: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    """A path as written into results files: relative to the repository (`../shared/...` outside it), never the
+    absolute folder of the machine that ran the benchmark."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
+def results_runs(results: dict) -> dict:
+    """The runs as the results JSON records them: without their loss curves' raw training records, with
+    repository-relative data folders."""
+    out = {}
+    for k, r in sorted(results.items()):
+        run = {kk: vv for kk, vv in r.items() if kk != "train"}
+        if "data_dir" in run.get("spec", {}):
+            run["spec"] = dict(run["spec"], data_dir=_repo_relative(run["spec"]["data_dir"]))
+        out[k] = run
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -470,7 +482,7 @@ def report(args, results: dict, variants: list[str], steps: int, tokenizer: Path
            "wall_s": round(time.time() - t_start), "plot": _repo_relative(png)}
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.md").write_text(text)
-    full = dict(out, runs={k: {kk: vv for kk, vv in r.items() if kk != "train"} for k, r in sorted(results.items())})
+    full = dict(out, runs=results_runs(results))
     (results_dir / f"{name}.json").write_text(json.dumps(full, indent=1) + "\n")
     print(json.dumps(out))
 

@@ -81,3 +81,16 @@ def test_variants_name_real_optimizer_options():
         assert opt.layouts == model_layout(config, shapes, partition), name
         assert str(opt.momentum_dtype) == f"torch.{extra.get('momentum_dtype', 'float32')}", name
     assert model_layout(config, shapes, Partition(embedding_blocks="elements")) != model_layout(config, shapes)
+
+
+
+def test_results_record_no_absolute_folder():
+    """benchmarks/results/*.json are committed: the data folders they record are relative to the repository."""
+    inside, outside = oc.ROOT / "out" / "bench_optcmp" / "c4-4096", oc.ROOT.parent / "shared" / "c4"
+    runs = {"a": {**_run("adamw", 1e-3, 0, 4.0), "train": [[1, 9.0]]}, "b": _run("adam_mini", 1e-3, 0, 4.1)}
+    runs["a"]["spec"]["data_dir"], runs["b"]["spec"]["data_dir"] = str(inside), str(outside)
+    recorded = oc.results_runs(runs)
+    assert [r["spec"]["data_dir"] for r in recorded.values()] == ["out/bench_optcmp/c4-4096", "../shared/c4"]
+    assert "train" not in recorded["a"] and runs["a"]["spec"]["data_dir"] == str(inside)  # the input is untouched
+    for path in (oc.ROOT / "benchmarks" / "results").glob("*.json"):
+        assert '"data_dir": "/' not in path.read_text(), path
