@@ -71,6 +71,8 @@ def load_keys(path: Path, targets: dict[str, torch.Tensor]) -> dict[str, torch.T
             dcp.load(targets, storage_reader=store.safe_reader(path), no_dist=True)
     except (Exception, CheckpointException) as e:
         cause = store.root_cause(e)
+        if isinstance(cause, CheckpointError):
+            raise cause from None
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(cause).__name__}: "
                               f"{' '.join(str(cause).split())[:300]})") from None
     return targets

@@ -23,10 +23,12 @@ checkpoint cannot run code. Multi-node runs need out_dir on a filesystem shared 
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
 import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -211,25 +213,70 @@ def read_trainer(path: Path) -> dict[str, Any]:
     return trainer
 
 
-# DCP's metadata is a pickle: unpickle only these (module, name) pairs, never a callable of the checkpoint's choosing.
-_ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                    "torch.distributed.checkpoint.planner")
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-            ("pathlib", "PureWindowsPath"), ("pathlib", "Path")}
+# DCP's `.metadata` is a pickle. Unpickle exactly these (module, name) pairs: the classes DCP pickles for this
+# app's checkpoints in torch 2.11-2.13 (`pickletools.dis` of a real `.metadata`), never a callable of the
+# checkpoint's choosing. The pairs are matched whole, so a dotted name that walks from an allowed module to
+# another object (`("torch.distributed.checkpoint.filesystem", "os.system")`) is refused like any other.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = frozenset({
+    (_DCP_METADATA, "Metadata"), (_DCP_METADATA, "TensorStorageMetadata"), (_DCP_METADATA, "TensorProperties"),
+    (_DCP_METADATA, "ChunkStorageMetadata"), (_DCP_METADATA, "MetadataIndex"), (_DCP_METADATA, "StorageMeta"),
+    (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+    (_DCP_METADATA, "BytesStorageMetadata"),  # unpickled to be refused by name (_check_metadata)
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *((module, cls) for module in ("pathlib", "pathlib._local")  # pathlib._local: Python 3.13's module name
+      for cls in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
+})
+_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64",
+                     "complex128", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool"})
+# the files DCP's FileSystemWriter writes (`__<rank>_<n>.distcp`), the only ones a checkpoint's metadata may name
+_DATA_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED or module in _ALLOWED_MODULES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        if module == "torch" and name in _DTYPES and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if (module, name) in _ALLOWED:
+            try:
+                return getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                pass  # a pair of another Python or torch version
         raise pickle.UnpicklingError(f"refused to load {module}.{name} from checkpoint metadata")
 
 
+def _check_metadata(metadata, path: Path) -> None:
+    """The unpickled `.metadata` must describe tensors only, stored in the checkpoint's own data files: DCP
+    reads an entry declared a pickled object (BytesStorageMetadata) with `torch.load(weights_only=False)`."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
+    where = path / ".metadata"
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{where}: unreadable (not DCP metadata but a {type(metadata).__name__})")
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise CheckpointError(f"{where}: unreadable (its tensor and storage tables are not mappings)")
+    for key, entry in entries.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"{where}: entry {key!r} is a {type(entry).__name__}, not a tensor (this "
+                                  f"checkpoint format holds tensors only; refused)")
+    for index, info in storage.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{where}: unreadable (a storage entry is not DCP's)")
+        name = info.relative_path
+        if not isinstance(name, str) or not _DATA_FILE_RE.match(name):
+            raise CheckpointError(f"{where}: entry {index.fqn!r} is stored in {name!r}, not a file of the "
+                                  f"checkpoint (__<rank>_<n>.distcp); refused")
+        if not all(isinstance(v, int) and v >= 0 for v in (info.offset, info.length)):
+            raise CheckpointError(f"{where}: entry {index.fqn!r} has a bad offset or length; refused")
+
+
 def safe_reader(path: Path):
-    """A DCP `FileSystemReader` whose `.metadata` is unpickled with the allow-list above."""
+    """A DCP `FileSystemReader` whose `.metadata` is unpickled with the allow-list above and checked to describe
+    tensors in the checkpoint's own files; use it for every DCP read (`dcp.load(..., storage_reader=...)`).
+    Raises CheckpointError naming `.metadata` (DCP wraps it: `root_cause` unwraps it)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
@@ -237,7 +284,12 @@ def safe_reader(path: Path):
             from torch.distributed.checkpoint.metadata import StorageMeta
 
             raw = (Path(self.path) / ".metadata").read_bytes()
-            metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+            try:
+                metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
+            except Exception as e:  # noqa: BLE001 - whatever a crafted or damaged pickle makes the unpickler raise
+                raise CheckpointError(f"{Path(self.path) / '.metadata'}: unreadable "
+                                      f"({' '.join(str(e).split())[:300]})") from None
+            _check_metadata(metadata, Path(self.path))
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -252,8 +304,6 @@ def read_metadata(path: Path):
         return safe_reader(path).read_metadata()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: holds no DCP metadata (.metadata missing)") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / '.metadata'}: unreadable ({' '.join(str(e).split())})") from None
 
 
 def load_checkpoint(path: Path, state: dict[str, Any]) -> dict[str, Any]:

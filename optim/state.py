@@ -358,7 +358,11 @@ def save_optimizer(optimizer, path, layouts: Mapping | None = None) -> None:
 def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams: bool = True) -> None:
     """Read a checkpoint written by `save_optimizer` (any world size, any sharding) into `optimizer`."""
     import torch.distributed.checkpoint as dcp
+
+    from checkpoints_util.store import read_metadata, safe_reader
+
+    read_metadata(path)  # one CheckpointError naming a crafted or damaged .metadata, before DCP wraps it
     with quiet_checkpoint_warnings():
         sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
-        dcp.load(sd, checkpoint_id=str(path), no_dist=not distributed())
+        dcp.load(sd, storage_reader=safe_reader(path), no_dist=not distributed())
     load_sharded_state_dict(optimizer, sd["optimizer"], layouts, load_hparams=load_hparams)
