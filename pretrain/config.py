@@ -83,7 +83,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     """sequences per forward/backward on one rank"""
     max_tokens: Optional[int] = None
-    """stop after this many training tokens (rounded down to whole steps); null = no limit"""
+    """stop after this many training tokens seen, never more (the last whole step that fits); a resume with
+    another global_batch_tokens trains the tokens left in steps of the new batch, and the cosine schedule then
+    ends at that step; null = no limit"""
     max_steps: Optional[int] = None
     """stop after this many optimizer steps; null = no limit (set max_tokens or max_steps; the cosine
     schedule ends at the smaller)"""

@@ -16,7 +16,7 @@ import torch
 import models
 from checkpoints_util import store
 from checkpoints_util.layout import remove_partial
-from pretrain import batches, config, metrics, resume, strategy
+from pretrain import batches, init_from, metrics, resume, strategy
 from pretrain.checkpoint import DataState, ModelState, TrainState
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.lock import LockedError, RunLock
@@ -48,15 +48,23 @@ class Steps:
     total: int                # optimizer steps of the whole run (the cosine schedule's end)
 
 
-def plan_steps(cfg: PretrainConfig, world_size: int) -> Steps:
+def plan_steps(cfg: PretrainConfig, world_size: int, step: int = 0, tokens_seen: int = 0) -> Steps:
+    """The step plan of a run that stands at `step` with `tokens_seen` (a resume; 0, 0: fresh).
+
+    train.max_tokens counts tokens seen and is never exceeded: the run ends after the last whole step that
+    fits the budget, `step + (max_tokens - tokens_seen) // global_batch_tokens` (so a global batch changed on
+    resume changes the steps left, and with them where the cosine schedule ends). train.max_steps counts
+    steps; the smaller limit wins."""
     t = cfg.train
     per_micro = t.micro_batch_size * cfg.data.seq_len * world_size
     if t.global_batch_tokens % per_micro:
         raise ConfigError(
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of train.micro_batch_size x "
             f"data.seq_len x world size = {t.micro_batch_size} x {cfg.data.seq_len} x {world_size} = {per_micro}")
-    limits = [n for n in (t.max_steps, None if t.max_tokens is None else t.max_tokens // t.global_batch_tokens)
-              if n is not None]
+    by_tokens = None
+    if t.max_tokens is not None:
+        by_tokens = step + max(0, t.max_tokens - tokens_seen) // t.global_batch_tokens
+    limits = [n for n in (t.max_steps, by_tokens) if n is not None]
     return Steps(t.global_batch_tokens // per_micro, t.global_batch_tokens, min(limits))
 
 
@@ -78,6 +86,7 @@ class Run:
     lock: RunLock
     resumed_from: Path | None
     result: Result
+    init_from: dict | None = None   # where the initial weights came from (--init.from), for trainer.json
 
 
 def fit(cfg: PretrainConfig) -> Result:
@@ -101,7 +110,7 @@ def fit(cfg: PretrainConfig) -> Result:
 def setup(cfg: PretrainConfig) -> Run:
     torch.set_flush_denormal(True)  # denormals made some CPU steps take seconds
     p = strategy.plan(cfg)
-    model_config = config.model_config(cfg)
+    model_config = init_from.model_config(cfg)  # the named config, or init.from's
     if cfg.data.seq_len > model_config.block_size:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's block_size {model_config.block_size} "
                           f"({cfg.model.name}); raise it with --model.overrides '{{block_size: {cfg.data.seq_len}}}'")
@@ -118,7 +127,8 @@ def setup(cfg: PretrainConfig) -> Run:
 def _build(cfg: PretrainConfig, fabric, p: strategy.Plan, model_config, lock: RunLock) -> Run:
     """Everything after the run folder is ours: the resume choice, model, optimizer, data, state, log."""
     steps = plan_steps(cfg, fabric.world_size)
-    resumed_from = resume.choose(cfg, fabric)
+    choice = resume.choose(cfg, fabric)  # moves nothing: a refused resume leaves the run folder as it was
+    resumed_from = choice.path
     model = strategy.setup_model(fabric, p, model_config, cfg.seed)
     optimizer = fabric.setup_optimizers(_build_optimizer(cfg, model, model_config))
     vocab = model_config.padded_vocab_size
@@ -128,15 +138,19 @@ def _build(cfg: PretrainConfig, fabric, p: strategy.Plan, model_config, lock: Ru
     state = TrainState()
     if resumed_from is not None:
         _load(resumed_from, model, optimizer, train_data, state, model_config)
+        resume.settle(choice, cfg, fabric)  # everything that could refuse the checkpoint has accepted it
         fabric.print(f"resumed from {resumed_from} at step {state.step} ({state.tokens_seen:,} tokens)")
+        steps = plan_steps(cfg, fabric.world_size, state.step, state.tokens_seen)
+        _print_budget(fabric, cfg, state, steps)
     elif cfg.resume == "auto":
         fabric.print(f"no checkpoint in {cfg.out_dir}: starting fresh")
+    init = init_from.start(cfg, fabric, model, resumed_from)
     log = RunLog(fabric, Path(cfg.out_dir), steps.total, None if resumed_from is None else state.step,
                  cfg.logging.tensorboard)
     _print_start(fabric, cfg, p, model_config, steps, optimizer)
     return Run(cfg, fabric, p, model_config, steps, model, optimizer, train_data, val_data, val_sequences, state,
                log, lock, resumed_from, Result(step=state.step, tokens_seen=state.tokens_seen,
-                                               tensorboard_dir=log.tensorboard_dir))
+                                               tensorboard_dir=log.tensorboard_dir), init)
 
 
 def _claim_out_dir(fabric, out_dir: Path) -> RunLock:
@@ -195,6 +209,19 @@ def _load(path: Path, model, optimizer, data, state: TrainState, model_config) -
     store.load_checkpoint(path, _checkpoint_state(model, optimizer, data, state))  # resume.choose verified it
 
 
+def _print_budget(fabric, cfg: PretrainConfig, state: TrainState, steps: Steps) -> None:
+    """On a resume whose tokens seen are not step x this run's global batch (the batch changed): what that does
+    to the schedule."""
+    if state.tokens_seen == state.step * steps.tokens_per_step:
+        return
+    left = max(0, steps.total - state.step)
+    budget = "" if cfg.train.max_tokens is None else f" (train.max_tokens={cfg.train.max_tokens:,}: never exceeded)"
+    fabric.print(f"the global batch is now {steps.tokens_per_step:,} tokens; the checkpoint's {state.step} steps saw "
+                 f"{state.tokens_seen:,}: {left} more steps, {state.tokens_seen + left * steps.tokens_per_step:,} "
+                 f"tokens in all{budget}; the cosine schedule now ends at step {steps.total} (warm-up unchanged: "
+                 f"steps 1-{cfg.optimizer.warmup_steps}), so the learning rate jumps at the change")
+
+
 def _print_start(fabric, cfg, p, model_config, steps: Steps, optimizer) -> None:
     from optim.build import optimizer_state_bytes
     from optim.layout import Partition, format_layout
@@ -208,7 +235,7 @@ def _print_start(fabric, cfg, p, model_config, steps: Steps, optimizer) -> None:
         opt.init_state()
         fabric.print(f"optimizer state: {optimizer_state_bytes(opt) / 2**20:,.1f} MiB on this rank "
                      f"(first moment in {a.momentum_dtype})")
-    fabric.print(f"model {cfg.model.name}: {models.count_params(model_config):,} parameters, "
+    fabric.print(f"model {model_config.name}: {models.count_params(model_config):,} parameters, "
                  f"{models.flops_per_token(model_config, cfg.data.seq_len):.3g} training FLOPs/token | "
                  f"{p.describe()} | optimizer {name} | {steps.total} steps x {steps.tokens_per_step:,} tokens "
                  f"({steps.micro_batches} micro-batches of {cfg.train.micro_batch_size} x {cfg.data.seq_len} per "
@@ -310,9 +337,9 @@ def save(run: Run, reason: str) -> Path:
     impl = getattr(run.optimizer.optimizer, "implementation", None)
     meta = {"trainer": {"tokens_seen": state.tokens_seen, "world_size": fabric.world_size,
                         "strategy": run.plan.strategy, "precision": run.plan.precision, "optimizer": cfg.optimizer.name,
-                        "optimizer_implementation": impl, "model_name": cfg.model.name,
+                        "optimizer_implementation": impl, "model_name": run.model_config.name,
                         "loss": result.losses.get(state.step), "val_loss": result.val_losses.get(state.step),
-                        "reason": reason},
+                        "reason": reason, "init_from": run.init_from},
             "config": cfg.to_dict(), "model_config": dataclasses.asdict(run.model_config)}
     t0 = time.perf_counter()
     path = store.save_checkpoint(Path(cfg.out_dir), state.step,
@@ -320,6 +347,7 @@ def save(run: Run, reason: str) -> Path:
     if fabric.global_rank == 0:
         store.prune(Path(cfg.out_dir), cfg.checkpoint.keep_last, {path, *([run.resumed_from] if run.resumed_from
                                                                          else [])})
+        resume.follow_branch(Path(cfg.out_dir), path)
     fabric.barrier()
     fabric.print(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
     result.last_checkpoint = path

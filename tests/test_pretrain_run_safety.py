@@ -1,0 +1,106 @@
+"""Run safety (issue #21, items 4-8):
+
+- a refused resume (a model, optimizer or data position that does not fit) changes nothing on disk, and the
+  next `--resume auto` continues from the newest checkpoint;
+- requeues of a branch keep continuing it after keep-last deleted the checkpoint it started from;
+- train.max_tokens counts tokens seen: a resume with another global batch trains to the budget, never past it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from checkpoints_util.layout import BRANCH_FILE, list_checkpoints
+from helpers.runs import cli_args, logged_losses, tiny_config, train_log
+from pretrain.__main__ import main
+from pretrain.loop import fit
+from pretrain.schedule import lr_at
+
+
+def steps_in(out_dir: Path) -> list[int]:
+    return [int(p.name[5:]) for p in list_checkpoints(out_dir)]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every path under `folder` -> sha256 of its bytes ("dir" for folders). `.lock` is left out: the lock
+    file records who held it last, and every start takes it."""
+    return {str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def twelve_steps(data_dir, tmp_path_factory) -> Path:
+    """A finished 12-step run with checkpoints at 2, 4, ..., 12; tests work on copies."""
+    out = tmp_path_factory.mktemp("twelve") / "run"
+    fit(tiny_config(data_dir, out, train__max_steps=12, checkpoint__interval=2))
+    return out
+
+
+@pytest.mark.parametrize("misfit, needle", [
+    (dict(model__overrides={"n_layer": 1}), "n_layer (2 vs 1)"),
+    (dict(optimizer__name="adamw"), "does not fit this run"),
+    (dict(seed=8), "data position does not fit"),
+])
+def test_a_refused_resume_changes_nothing_on_disk(misfit, needle, data_dir, tmp_path, twelve_steps, capsys):
+    out = shutil.copytree(twelve_steps, tmp_path / "run")
+    before = snapshot(out)
+    cfg = tiny_config(data_dir, out, resume=str(out / "step-00000004"), train__max_steps=12, **misfit)
+    assert main(cli_args(cfg)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert snapshot(out) == before  # no abandoned-*, no branch.json, no moved log lines
+    if "seed" in misfit:
+        # and the next --resume auto continues from the newest checkpoint, not from the refused step 4
+        assert main(cli_args(tiny_config(data_dir, out, train__max_steps=12))) == 0
+        assert f"resumed from {out / 'step-00000012'} at step 12" in capsys.readouterr().out
+
+
+def test_requeues_of_a_branch_continue_it_after_keep_last_pruned_its_origin(data_dir, tmp_path, twelve_steps, faults,
+                                                                            capsys):
+    out = shutil.copytree(twelve_steps, tmp_path / "run")
+    branch = tiny_config(data_dir, out, resume=str(out / "step-00000006"), train__max_steps=12, checkpoint__interval=2,
+                         checkpoint__keep_last=1, optimizer__lr=1e-3, optimizer__min_lr=1e-4)
+    faults(stop_at=8)  # the branch's first job: preempted after step 8
+    fit(branch)
+    assert steps_in(out) == [6, 8]
+    faults(stop_at=10)  # the first requeue (the same command): continues the branch, preempted after step 10
+    assert sorted(fit(branch).losses) == [9, 10]
+    assert steps_in(out) == [8, 10]  # keep-last 1 deleted step 6, where the branch started (8: resumed from)
+    faults(stop_at=0)  # the second requeue, still `--resume OUT/step-00000006`
+    assert sorted(fit(branch).losses) == [11, 12]
+    assert json.loads((out / BRANCH_FILE).read_text())["newest"] == "step-00000012"
+    assert capsys.readouterr().out.count("continuing the branch started from") == 2
+    assert [r["step"] for r in train_log(out) if "loss" in r] == list(range(1, 13))
+    assert logged_losses(out)[12] != logged_losses(twelve_steps)[12]  # the branch's own values
+
+
+@pytest.mark.parametrize("batch, micro, end_step", [(256, 2, 6), (64, 2, 13)])
+def test_max_tokens_counts_tokens_seen_when_the_global_batch_changes(batch, micro, end_step, data_dir, tmp_path,
+                                                                     faults, capsys):
+    """Budget 1,088 tokens at 128 per step: 8 steps. Stopped at step 4 (512 tokens) and resumed with a doubled
+    batch: 2 more steps (1,024 tokens: a third would exceed the budget); halved: 9 more (1,088)."""
+    out, budget = tmp_path / "run", 1088
+    faults(stop_at=4)
+    first = fit(tiny_config(data_dir, out, train__max_steps=None, train__max_tokens=budget))
+    assert (first.step, first.tokens_seen) == (4, 512)
+    faults(stop_at=0)
+    cfg = tiny_config(data_dir, out, train__max_steps=None, train__max_tokens=budget,
+                      train__global_batch_tokens=batch, train__micro_batch_size=micro)
+    capsys.readouterr()
+    second = fit(cfg)
+    left = (budget - 512) // batch
+    assert (second.step, second.tokens_seen) == (4 + left, 512 + left * batch) == (end_step, second.tokens_seen)
+    assert second.tokens_seen <= budget < second.tokens_seen + batch  # the last step that fits, never past it
+    records = [r for r in train_log(out) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, end_step + 1))
+    assert records[-1]["tokens_seen"] == second.tokens_seen
+    o = cfg.optimizer  # the cosine now ends at the new last step
+    assert [r["lr"] for r in records[4:]] == [lr_at(s, o.lr, o.min_lr, o.warmup_steps, end_step)
+                                              for s in range(5, end_step + 1)]
+    assert f"{left} more steps" in capsys.readouterr().out
+    assert main(cli_args(cfg)) == 0  # once more: nothing to do
+    assert "nothing to do: the run is already at step" in capsys.readouterr().out
