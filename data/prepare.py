@@ -32,7 +32,6 @@ options into a folder whose manifest says otherwise is refused unless ``--overwr
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import hashlib
 import json
@@ -49,11 +48,11 @@ import numpy as np
 from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import DataError, DataWriteError
 from data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from data.readers import expand_sources, iter_lines, parse_line, source_format
+from data.parts import JOURNAL_NAME, journal_names, part_arg, part_sources
+from data.readers import DEFAULT_TEXT_FIELD, expand_sources, source_format, text_batches
 from data.shards import atomic_write_json, dtype_for_vocab, make_folder, read_header, remove_file, write_shard
-from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN, SAMPLE_VAL, Tokenizer
+from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN, SAMPLE_VAL, Tokenizer, load_tokenizer
 
-JOURNAL_NAME = "progress.jsonl"
 BATCH_BYTES = 1 << 20  # raw JSON bytes per tokenising thread in one SentencePiece batch
 READ_AHEAD = 4  # parsed batches the reading thread may hold ready for the tokenizer
 DEFAULT_SHARD_TOKENS = 1 << 26
@@ -61,23 +60,6 @@ DEFAULT_SHARD_TOKENS = 1 << 26
 T = TypeVar("T")
 
 # --- reading and tokenising ---------------------------------------------------------------------
-
-
-def _text_batches(src: Path, sets: frozenset[str], batch_bytes: int) -> Iterator[tuple[list[str], dict, int]]:
-    """``(texts, skip counts, compressed bytes read so far)`` for each ~`batch_bytes` of raw lines, in order."""
-    texts, skipped, nbytes, pos = [], collections.Counter(), 0, 0
-    for line_no, raw, pos in iter_lines(src):
-        text, status = parse_line(str(src), line_no, raw, sets)
-        if text is None:
-            skipped[status] += 1
-        else:
-            texts.append(text)
-        nbytes += len(raw)
-        if nbytes >= batch_bytes:
-            yield texts, skipped, pos
-            texts, skipped, nbytes = [], collections.Counter(), 0
-    if texts or skipped:
-        yield texts, skipped, pos
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
@@ -167,7 +149,7 @@ class _ShardCutter:
 
 def _shard_stem(src: Path) -> str:
     name = src.name
-    for suf in (".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst"):
+    for suf in (".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst", ".parquet"):
         if name.endswith(suf):
             name = name[: -len(suf)]
     return f"{name}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}"
@@ -192,21 +174,22 @@ def _source_done(split_dir: Path, prev: dict | None, st: os.stat_result, made_wi
 
 def _clear_split(split_dir: Path) -> None:
     for p in split_dir.iterdir():
-        if p.name in (MANIFEST_NAME, JOURNAL_NAME) or p.suffix in (".bin", ".tmp"):
+        if p.name == MANIFEST_NAME or p.suffix in (".bin", ".tmp") or p.name in journal_names(split_dir):
             remove_file(p)
 
 
-def _read_journal(split_dir: Path) -> dict[str, dict]:
+def _read_journal(split_dir: Path, name: str = JOURNAL_NAME, repair: bool = True) -> dict[str, dict]:
     """Finished-source entries appended by earlier runs, by path (later lines win).
 
-    A line torn by a kill (no trailing newline) is cut off first, so the next append starts clean.
+    With `repair`, a line torn by a kill (no trailing newline) is cut off first, so the next append starts
+    clean (only the journal's own writer repairs it; a torn line is skipped either way).
     """
-    path = split_dir / JOURNAL_NAME
+    path = split_dir / name
     if not path.exists():
         return {}
     try:
         data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
+        if repair and data and not data.endswith(b"\n"):
             data = data[: data.rfind(b"\n") + 1]
             with open(path, "r+b") as f:
                 f.truncate(len(data))
@@ -222,9 +205,9 @@ def _read_journal(split_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _append_journal(split_dir: Path, entry: dict) -> None:
+def _append_journal(split_dir: Path, entry: dict, name: str = JOURNAL_NAME) -> None:
     """Append one line; a line torn by a failure (disk full) is cut off by the next run's _read_journal."""
-    path = split_dir / JOURNAL_NAME
+    path = split_dir / name
     try:
         with open(path, "ab") as f:
             f.write(json.dumps(entry).encode("utf-8") + b"\n")
@@ -236,20 +219,29 @@ def _append_journal(split_dir: Path, entry: dict) -> None:
 
 def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
                   workers: int = 1, skip_sets: Sequence[str] = (), shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                  overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenise `sources` into ``out_dir/split/`` and return the final manifest."""
+                  overwrite: bool = False, progress: bool = True, text_field: str = DEFAULT_TEXT_FIELD,
+                  part: tuple[int, int] | None = None, bos: str | None = None, eos: str | None = None) -> dict:
+    """Tokenise `sources` into ``out_dir/split/`` and return the final manifest.
+
+    `part` = (K, N): only the K-th of N parts of `sources` (data/parts.py); its shards and its own journal
+    are written, not the manifest, which a run without `part` writes from the parts' journals (re-tokenising
+    only what no part finished). The manifest returned then lists only this part's sources.
+    """
     from tqdm import tqdm
 
+    if part is not None and overwrite:
+        raise ValueError("overwrite with part: parts share the folder; clear it before starting the parts")
     if shard_tokens < 1 or workers < 1:  # the CLI refuses these up front; 0 would write empty shards forever
         raise ValueError(f"shard_tokens and workers must be >= 1, got {shard_tokens} and {workers}")
 
+    tok = load_tokenizer(tokenizer_path, bos, eos)  # a bad tokenizer is refused before anything is written
     split_dir = Path(out_dir) / split
     make_folder(split_dir)
     for p in split_dir.glob(".*.tmp"):  # leftovers of an interrupted run; never referenced
         remove_file(p)
-    tok = Tokenizer(tokenizer_path)
     dtype = dtype_for_vocab(tok.vocab_size)
     options = {"skip_sets": sorted(set(skip_sets)), "shard_tokens": int(shard_tokens), "dtype": dtype.name}
+    options |= tok.options() | ({"text_field": text_field} if text_field != DEFAULT_TEXT_FIELD else {})
     prev = read_manifest(split_dir) if not overwrite else None
     if overwrite:
         _clear_split(split_dir)
@@ -260,7 +252,14 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
                         "pass --overwrite to redo it, or choose another --out")
     made_with = {"tokenizer_sha256": tok.sha256, "options": options}  # what a reused source must match
     done = {s["path"]: {**s, "made_with": made_with} for s in prev["sources"]} if prev else {}  # checked above
-    done.update(_read_journal(split_dir))
+    journal = JOURNAL_NAME if part is None else journal_names(split_dir, part)[0]
+    if part is None:  # the merging run: the parts' journals too (read only: their writers repair them)
+        for name in journal_names(split_dir):
+            if name != JOURNAL_NAME:
+                done.update(_read_journal(split_dir, name, repair=False))
+    done.update(_read_journal(split_dir, journal))
+    if part is not None:
+        sources = part_sources(sources, part)
 
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "split": split,
                 "tokenizer": tok.describe(), "dtype": dtype.name, "options": options,
@@ -280,8 +279,8 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
                 entry = {k: v for k, v in entry.items() if k != "made_with"} | {"reused": True}
                 bar.update(size)
             else:
-                entry = _prepare_source(split_dir, src, st, tok, workers, sets, dtype, shard_tokens, bar)
-                _append_journal(split_dir, {**entry, "made_with": made_with})  # progress point for a resume
+                entry = _prepare_source(split_dir, src, st, tok, workers, sets, dtype, shard_tokens, bar, text_field)
+                _append_journal(split_dir, {**entry, "made_with": made_with}, journal)  # progress point for a resume
             manifest["sources"].append(entry)
             manifest["shards"].extend({**s, "source": str(src)} for s in entry["shards"])
             manifest["num_tokens"] += entry["num_tokens"]
@@ -291,17 +290,21 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
             bar.set_postfix(tokens=manifest["num_tokens"])
     finally:
         bar.close()
+    if part is not None:  # other parts' shards lie beside this part's: the merging run cleans up and lists all
+        return manifest
     keep = {s["file"] for s in manifest["shards"]}
     for p in split_dir.glob("*.bin"):
         if p.name not in keep:
             remove_file(p)
     manifest["complete"] = True
-    atomic_write_json(split_dir / MANIFEST_NAME, manifest)
+    written = {**manifest, "sources": [{k: v for k, v in e.items() if k != "reused"} for e in manifest["sources"]]}
+    atomic_write_json(split_dir / MANIFEST_NAME, written)  # the same bytes whether sources were reused or not
     return manifest
 
 
 def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, tok: Tokenizer, threads: int,
-                    sets: frozenset[str], dtype: np.dtype, shard_tokens: int, bar) -> dict:
+                    sets: frozenset[str], dtype: np.dtype, shard_tokens: int, bar,
+                    text_field: str = DEFAULT_TEXT_FIELD) -> dict:
     stem = _shard_stem(src)
     for p in split_dir.glob(f"{stem}-*.bin"):  # stale shards of an earlier, unfinished attempt
         remove_file(p)
@@ -309,7 +312,8 @@ def _prepare_source(split_dir: Path, src: Path, st: os.stat_result, tok: Tokeniz
              "documents": 0, "skipped": {}, "num_tokens": 0, "shards": []}
     cutter = _ShardCutter(split_dir, stem, dtype, shard_tokens)
     last_pos = 0
-    with contextlib.closing(_read_ahead(_text_batches(src, sets, BATCH_BYTES * threads), READ_AHEAD)) as batches:
+    reader = text_batches(src, sets, BATCH_BYTES * threads, text_field)
+    with contextlib.closing(_read_ahead(reader, READ_AHEAD)) as batches:
         for texts, skipped, pos in batches:  # on an error here, closing stops the reading thread at once
             tokens = tok.encode_stream(texts, threads)
             entry["documents"] += len(texts)
@@ -328,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m data.prepare",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Tokenise C4 (*.json.gz) / SlimPajama (*.jsonl.zst) files into packed token shards.\n"
+        description="Tokenise C4 (*.json.gz), SlimPajama (*.jsonl.zst) and parquet (*.parquet: FineWeb, Hugging\n"
+                    "Face exports) files with a SentencePiece model or a tokenizer.json into packed token shards.\n"
                     "Each document is encoded as BOS + tokens + EOS and documents are concatenated; nothing\n"
                     "is dropped or padded. Writes OUT/train/ and OUT/val/, each with shards and a manifest.json\n"
                     "(token counts, tokenizer sha256, sources). Interrupted runs resume on re-run.",
@@ -338,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                "Full data:\n"
                "    python -m data.prepare --out out/c4 --tokenizer tokenizer.model \\\n"
                "        --train 'c4/c4-train.*.json.gz' --val c4/c4-validation.00000-of-00001.json.gz --workers 8\n"
+               "    python -m data.prepare --out out/fineweb --tokenizer llama3/tokenizer.json \\\n"
+               "        --train 'fineweb/sample/10BT/*.parquet' --val fineweb/val.parquet\n"
+               "Across nodes: each of N jobs runs the command with --part K/N (K = 1..N), then one run of the\n"
+               "same command without --part writes the manifests (launch/slurm_prepare.sbatch).\n"
                "Bad input is reported as one line 'error: FILE, line N: what', an option value that cannot\n"
                "work as 'error: argument --NAME: what'; both with exit status 2, before anything is written.\n"
                "A write that fails (disk full, a folder not writable) is one line 'error: PATH: what' with\n"
@@ -345,20 +354,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/ subfolders)")
     p.add_argument("--train", nargs="+", metavar="SRC", help="train sources: files, folders or globs")
     p.add_argument("--val", nargs="+", metavar="SRC", help="validation sources: files, folders or globs")
-    p.add_argument("--tokenizer", default=str(SAMPLE_TOKENIZER), help="SentencePiece model (default: %(default)s)")
+    p.add_argument("--tokenizer", default=str(SAMPLE_TOKENIZER),
+                   help="SentencePiece model, or a Hugging Face tokenizer.json (any *.json) (default: %(default)s)")
+    p.add_argument("--bos", metavar="TOKEN", help="tokenizer.json: the BOS token (default: bos_token of "
+                   "tokenizer_config.json beside it, else the post-processor template's)")
+    p.add_argument("--eos", metavar="TOKEN", help="tokenizer.json: the EOS token (default: as for --bos)")
+    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
+                   help="the JSON field / parquet column holding the document (default: %(default)s)")
+    p.add_argument("--part", type=part_arg, metavar="K/N",
+                   help="prepare only the K-th of N parts of the sources (by source file, in sorted order), for "
+                        "N jobs on N nodes; a final run without --part writes the manifests")
     p.add_argument("--workers", type=int_in(1, MAX_THREADS), default=min(os.cpu_count() or 1, 8),
                    help="tokenising threads (default: %(default)s); reading runs in one more thread")
     p.add_argument("--skip-set", action="append", default=[], metavar="NAME",
                    help="SlimPajama: skip documents whose meta.redpajama_set_name is NAME (repeatable)")
     p.add_argument("--shard-tokens", type=int_in(1), default=DEFAULT_SHARD_TOKENS,
                    help="tokens per shard; each source's last shard holds the rest (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="discard what is in OUT/<split> and redo it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard what is in OUT/<split> and redo it (not with --part)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.part and a.overwrite:
+        parser.error("argument --overwrite: not with --part (the parts share OUT; delete it before starting them)")
+    if not a.text_field:
+        parser.error("argument --text-field: must name a field, got ''")
     if not a.train and not a.val:
         a.train, a.val = [str(SAMPLE_TRAIN)], [str(SAMPLE_VAL)]
     try:
@@ -367,11 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             m = prepare_split(split, expand_sources(pats), a.tokenizer, a.out, a.workers, a.skip_set,
-                              a.shard_tokens, a.overwrite, not a.no_progress)
+                              a.shard_tokens, a.overwrite, not a.no_progress, a.text_field, a.part, a.bos, a.eos)
             dt = time.perf_counter() - t0
             reused = sum(1 for s in m["sources"] if s.get("reused"))
             skipped = ", ".join(f"{k}={v}" for k, v in sorted(m["skipped"].items())) or "none"
-            print(f"{split}: {m['num_tokens']:,} tokens ({m['dtype']}), {m['num_documents']:,} documents, "
+            label = f"{split} part {a.part[0]}/{a.part[1]}" if a.part else split
+            print(f"{label}: {m['num_tokens']:,} tokens ({m['dtype']}), {m['num_documents']:,} documents, "
                   f"{len(m['shards'])} shards from {len(m['sources'])} sources ({reused} reused); "
                   f"skipped: {skipped}; {dt:.1f}s -> {Path(a.out) / split}")
     except DataError as e:

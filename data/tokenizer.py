@@ -74,9 +74,31 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def options(self) -> dict:
+        """What shapes the bytes besides the model file: nothing (BOS/EOS are the model's own)."""
+        return {}
+
     def describe(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def is_hf_tokenizer(path: str | os.PathLike) -> bool:
+    """A Hugging Face ``tokenizer.json`` (any ``*.json`` file), else a SentencePiece model."""
+    return str(path).endswith(".json")
+
+
+def load_tokenizer(path: str | os.PathLike, bos: str | None = None, eos: str | None = None):
+    """`Tokenizer` (SentencePiece) or, for a ``*.json`` file, `data.hf_tokenizer.HFTokenizer`; both encode
+    documents as BOS + tokens + EOS. `bos`/`eos` name those tokens (tokenizer.json only)."""
+    if is_hf_tokenizer(path):
+        from data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(path, bos, eos)
+    if bos or eos:
+        raise DataError(f"--bos/--eos with {path}", "name BOS/EOS for a tokenizer.json only; a SentencePiece "
+                                                    "model has its own")
+    return Tokenizer(path)
 
 
 def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int) -> Iterator[str]:

@@ -27,7 +27,8 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "[setup] installing the project and its dependencies (pip install -e '.[dev]')"
     python -m pip install -q -e ".[dev]" 2>&1 | grep -v -E "^WARNING: Location|BuildBackendWarning" || true
-    python -c "import lightning, litgpt, sentencepiece, zstandard, tensorboard, models, optim, data, pretrain" \
+    python -c "import lightning, litgpt, sentencepiece, zstandard, pyarrow, tokenizers, tensorboard
+import models, optim, data, pretrain" \
         || { echo "[setup] the install is incomplete, see pip's output above" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi

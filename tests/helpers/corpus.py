@@ -80,3 +80,44 @@ def shard_bytes(split_dir: Path) -> list[bytes]:
     """The bytes of every shard the split's manifest lists, in order."""
     m = json.loads((split_dir / "manifest.json").read_text())
     return [(split_dir / s["file"]).read_bytes() for s in m["shards"]]
+
+
+def write_parquet(path: Path, texts, column: str = "text", row_group_size: int = 7) -> Path:
+    """A parquet file with the documents in `column` (and an id column), several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({column: list(texts), "id": list(range(len(texts)))}), path, row_group_size=row_group_size)
+    return path
+
+
+def train_bpe_json(path: Path, texts, vocab_size: int = 400, template: bool = True, extra_tokens: int = 0) -> Path:
+    """A byte-level BPE ``tokenizer.json`` trained on `texts` with special tokens ``<s>`` (0) and ``</s>`` (1);
+    with `template`, a ``<s> $A </s>`` post-processor names them BOS/EOS. `extra_tokens` added tokens
+    ``<extra_i>`` after the learned vocabulary (a vocabulary above 65,536 ids without a large corpus)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if template:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0),
+                                                                                                  ("</s>", 1)])
+    if extra_tokens:
+        tok.add_special_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
+    tok.save(str(path))
+    return path
+
+
+def hf_reference_stream(tokenizer_json, texts, bos_id: int, eos_id: int) -> np.ndarray:
+    """Independent tokenisation through `tokenizers`, one document at a time: BOS + ids + EOS per document."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    out = []
+    for t in texts:
+        out += [bos_id, *tok.encode(t, add_special_tokens=False).ids, eos_id]
+    return np.asarray(out, dtype=np.int64)

@@ -1,0 +1,90 @@
+"""data.prepare --part K/N: three parts and a final run write the same bytes as one process, a failed part is
+re-run alone, and bad --part values are one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data.parts import part_sources
+from data.prepare import main
+from helpers.corpus import SAMPLE_TOKENIZER, c4_lines, make_texts, slimpajama_lines, write_gz, write_parquet, write_zst
+
+
+def _files(split_dir) -> dict[str, bytes]:
+    """Every file of a prepared split except the resume journals (not part of the output)."""
+    return {p.name: p.read_bytes() for p in split_dir.iterdir() if not p.name.startswith("progress")}
+
+
+@pytest.fixture()
+def sources(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        write_parquet(src / f"fw-{i}.parquet", make_texts(12, seed=50 + i))
+    write_gz(src / "c4-a.json.gz", c4_lines(make_texts(10, seed=60)))
+    write_zst(src / "sp-b.jsonl.zst", slimpajama_lines(make_texts(8, seed=61)))
+    write_gz(src / "c4-c.json.gz", c4_lines([]))  # a source without documents: a part with no shards
+    return src
+
+
+def test_part_sources_cover_every_source_once():
+    got = [part_sources(list(range(10)), (k, 3)) for k in (1, 2, 3)]
+    assert got == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert part_sources([1], (2, 3)) == []
+
+
+def test_three_parts_and_the_final_run_equal_one_process(tmp_path, sources, capsys):
+    """Parts 1 and 3 finish, part 2 fails on a damaged source and is re-run alone once it is fixed; the final
+    run (no --part) tokenises nothing and writes the manifest: every file equals a one-process prepare's."""
+    common = ["--train", str(sources), "--val", str(sources / "c4-a.json.gz"), "--shard-tokens", "300",
+              "--no-progress"]
+    parts = tmp_path / "parts"
+    for k in (1, 3):
+        assert main(["--out", str(parts), "--part", f"{k}/3", *common]) == 0
+    victim = sources / "fw-2.parquet"  # sorted: c4-a, c4-c, fw-0, fw-1, fw-2, ...: part 2 = c4-c, fw-2
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])
+    assert main(["--out", str(parts), "--part", "2/3", *common]) == 2
+    assert "fw-2.parquet: not a readable parquet file" in capsys.readouterr().err
+    assert not (parts / "train" / "manifest.json").read_text().count('"complete": true')
+    victim.write_bytes(good)
+    assert main(["--out", str(parts), "--part", "2/3", *common]) == 0
+    capsys.readouterr()
+    assert main(["--out", str(parts), *common]) == 0
+    assert "(7 reused)" in capsys.readouterr().out  # the final run re-tokenised nothing
+
+    one = tmp_path / "one"
+    assert main(["--out", str(one), *common]) == 0
+    for split in ("train", "val"):
+        expected = _files(one / split)
+        assert len(expected) > (20 if split == "train" else 1)
+        assert _files(parts / split) == expected
+    m = json.loads((parts / "train" / "manifest.json").read_text())
+    assert m["complete"] and [s["path"].rsplit("/", 1)[1] for s in m["sources"]] == sorted(
+        p.name for p in sources.iterdir())
+
+
+def test_final_run_does_what_no_part_finished(tmp_path, sources):
+    """Only part 1 of 2 ran: the final run tokenises the rest itself and the result is still the same."""
+    common = ["--train", str(sources), "--shard-tokens", "500", "--no-progress"]
+    assert main(["--out", str(tmp_path / "parts"), "--part", "1/2", *common]) == 0
+    assert not (tmp_path / "parts" / "train" / "manifest.json").read_text().count('"complete": true')
+    assert main(["--out", str(tmp_path / "parts"), *common]) == 0
+    assert main(["--out", str(tmp_path / "one"), *common]) == 0
+    assert _files(tmp_path / "parts" / "train") == _files(tmp_path / "one" / "train")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--part", "0/3"], "argument --part: K must be between 1 and N, got 0/3"),
+    (["--part", "4/3"], "argument --part: K must be between 1 and N, got 4/3"),
+    (["--part", "two"], "argument --part: expected K/N (e.g. 2/8), got 'two'"),
+    (["--part", "1/2", "--overwrite"], "argument --overwrite: not with --part"),
+])
+def test_bad_part_is_one_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "out"), "--tokenizer", str(SAMPLE_TOKENIZER), *args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {message}") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
