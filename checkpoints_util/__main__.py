@@ -1,9 +1,10 @@
-"""`python -m checkpoints_util` / `amp-ckpt`: inspect, consolidate and export training checkpoints.
+"""`python -m checkpoints_util` / `amp-ckpt`: inspect, consolidate, export and import checkpoints.
 
     amp-ckpt inspect     CKPT [--json] [--verify]
     amp-ckpt consolidate CKPT --out FILE [--with-optimizer] [--dtype D]
     amp-ckpt export      CKPT --format litgpt|hf --out DIR [--dtype D] [--max-shard-size 5GB]
     amp-ckpt convert     OLD_CKPT [--out DIR]      (a checkpoint of format 1 -> the current format)
+    amp-ckpt import      SRC --out DIR [--dtype D] (Hugging Face Llama or litgpt weights -> a checkpoint folder)
 
 CKPT is a `step-XXXXXXXX/` folder or a run folder (its newest complete checkpoint). Runs in one process
 on CPU, whatever strategy and world size wrote the checkpoint. Exit status (amp_common/exits.py): 0 done,
@@ -18,7 +19,7 @@ import sys
 
 from amp_common import exits
 from amp_common.atomic import WriteError
-from checkpoints_util import consolidate, convert, export, inspect
+from checkpoints_util import consolidate, convert, export, importer, inspect
 from checkpoints_util.layout import CheckpointError
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_parser(sub)
     export.add_parser(sub)
     convert.add_parser(sub)
+    importer.add_parser(sub)
     return parser
 
 

@@ -1,8 +1,9 @@
-"""litgpt Llama -> Hugging Face `LlamaForCausalLM`: the config and the tensor names (pure, no I/O).
+"""litgpt Llama <-> Hugging Face `LlamaForCausalLM`: the config and the tensor names (pure, no I/O).
 
 Why it is its own module: this mapping is where an export goes silently wrong (a swapped q/k/v slice
 gives a model that loads fine and produces garbage), so it is kept small and tested by comparing
-logits of the two implementations (tests/test_ckpt_export.py).
+logits of the two implementations (tests/test_ckpt_export.py, tests/test_ckpt_import.py). The import
+direction (`from_hf_names`, `litgpt_config`) is derived from the export's `to_hf` and `hf_config`.
 
 Facts it rests on (litgpt 0.5.13, read from `litgpt/model.py` and `litgpt/scripts/convert_*`):
 - `attn.qkv.weight` rows are [all Q heads | all K groups | all V groups] (`CausalSelfAttention.forward`
@@ -114,3 +115,99 @@ def to_hf(name: str, tensor: torch.Tensor, config) -> Iterator[tuple[str, torch.
     if rest not in _PER_LAYER:
         raise CheckpointError(f"no Hugging Face Llama name for tensor {name!r}")
     yield prefix + _PER_LAYER[rest], tensor
+
+
+# ------------------------------------------------------------------------------------- Hugging Face -> litgpt
+# The import direction is the inverse of `to_hf`, derived from it (one mapping, tested both ways), and of
+# `hf_config`: a config.json this table cannot express in litgpt's Llama is refused, one reason per line part.
+IGNORED_HF_TENSORS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")  # old .bin files: a buffer
+_MAX_DIM = 1 << 20     # larger sizes are not a Llama but a crafted config (the meta model alone would take minutes)
+_MAX_LAYERS = 1024
+
+
+def from_hf_names(config) -> dict[str, tuple[str, int, int, tuple[int, ...]]]:
+    """HF tensor name -> (litgpt name, part index, number of parts, HF shape) for `LlamaForCausalLM(config)`.
+
+    Parts are fused in index order along dim 0 (q, k, v into `attn.qkv`); everything else is one part."""
+    from checkpoints_util.reader import expected_shapes
+
+    out = {}
+    for name, shape in expected_shapes(config).items():
+        parts = list(to_hf(name, torch.empty(shape, device="meta"), config))
+        for i, (hf_name, t) in enumerate(parts):
+            out[hf_name] = (name, i, len(parts), tuple(t.shape))
+    return out
+
+
+def litgpt_config(hf: Any, where: str):
+    """The litgpt.Config of a Hugging Face `config.json` (parsed JSON) of a plain `LlamaForCausalLM`.
+
+    Raises one CheckpointError naming `where` for anything else: another architecture, RoPE scaling, biases,
+    tied embeddings, another activation, missing or ill-typed sizes."""
+    from litgpt import Config
+
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{where}: not a Hugging Face config (expected a JSON object)")
+    arch = hf.get("architectures")
+    if arch is not None and arch != ["LlamaForCausalLM"]:
+        raise CheckpointError(f"{where}: architectures {arch!r}: only LlamaForCausalLM can be imported")
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r}: only 'llama' (LlamaForCausalLM) can "
+                              f"be imported")
+
+    def size(key: str, default: Any = None, limit: int = _MAX_DIM) -> int:
+        value = hf.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            raise CheckpointError(f"{where}: {key} must be an integer in [1, {limit}], got {value!r}")
+        return value
+
+    def number(key: str, default: float) -> float:
+        value = hf.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise CheckpointError(f"{where}: {key} must be a positive number, got {value!r}")
+        return value
+
+    d, heads = size("hidden_size"), size("num_attention_heads")
+    groups = size("num_key_value_heads", heads)
+    head_dim = size("head_dim") if hf.get("head_dim") is not None or d % heads else d // heads
+    rope = hf.get("rope_parameters")  # transformers >= 5 keeps rope_theta (and the scaling type) here
+    if rope is not None:
+        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+            raise CheckpointError(f"{where}: rope_parameters {rope!r}: RoPE scaling cannot be imported (litgpt's "
+                                  f"Llama here has plain RoPE)")
+        if "rope_theta" in rope:
+            hf = {**hf, "rope_theta": rope["rope_theta"]}
+    problems = [why for bad, why in (
+        (hf.get("rope_scaling") is not None, f"rope_scaling {hf.get('rope_scaling')!r} (only plain RoPE)"),
+        (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (only silu)"),
+        (bool(hf.get("attention_bias", False)) or bool(hf.get("mlp_bias", False)), "biases (Llama has none)"),
+        (bool(hf.get("tie_word_embeddings", False)), "tie_word_embeddings (litgpt's Llama has its own lm_head)"),
+        (heads % groups != 0, f"num_attention_heads={heads} not a multiple of num_key_value_heads={groups}"),
+    ) if bad]
+    if problems:
+        raise CheckpointError(f"{where}: cannot be imported as litgpt's Llama: " + "; ".join(problems))
+    theta = number("rope_theta", 10000.0)
+    vocab = size("vocab_size", limit=1 << 24)
+    fields = dict(block_size=size("max_position_embeddings", limit=1 << 24), vocab_size=vocab, padded_vocab_size=vocab,
+                  n_layer=size("num_hidden_layers", limit=_MAX_LAYERS), n_head=heads, n_query_groups=groups,
+                  n_embd=d, head_size=head_dim, intermediate_size=size("intermediate_size"),
+                  bias=False, norm_class_name="RMSNorm", norm_eps=number("rms_norm_eps", 1e-6),
+                  mlp_class_name="LLaMAMLP", parallel_residual=False, rotary_percentage=1.0,
+                  rope_base=int(theta) if float(theta).is_integer() else theta)
+    return Config(name=_known_name(fields), **fields)
+
+
+def _known_name(fields: dict[str, Any]) -> str:
+    """The name of the models/ config these fields equal (e.g. 'tinyllama-1.1b'), else 'llama'."""
+    import dataclasses
+
+    from litgpt import Config
+
+    import models
+
+    mine = dataclasses.asdict(Config(name="llama", **fields))
+    for name in models.CONFIG_NAMES:
+        known = dataclasses.asdict(models.get_config(name))
+        if {k: v for k, v in known.items() if k != "name"} == {k: v for k, v in mine.items() if k != "name"}:
+            return name
+    return "llama"

@@ -28,6 +28,7 @@ from checkpoints_util.layout import (
     CONFIG_FILE,
     MODEL_CONFIG_FILE,
     PARTIAL_RE,
+    TRAINER_FILE,
     CheckpointError,
     is_complete,
     latest_checkpoint,
@@ -206,6 +207,8 @@ def resolve_path(path: str | Path) -> Path:
         return path
     if PARTIAL_RE.match(path.name):
         raise CheckpointError(f"{path}: a partial checkpoint left by an interrupted save; use a step-XXXXXXXX folder")
+    if (path / TRAINER_FILE).is_file():  # a checkpoint folder by another name (`amp-ckpt import` writes them)
+        return path
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"{path}: not a checkpoint (expected a step-XXXXXXXX folder with trainer.json, or "
