@@ -51,7 +51,7 @@ from optim.layout import model_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODELS = ("tinyllama-1.1b", "llama2-7b", "llama2-13b")
+MODELS = ("tinyllama-1.1b", "llama3.2-1b", "llama2-7b", "llama2-13b")
 WORLD_SIZES = (1, 8, 16)
 CARDS_GIB = (40, 80)
 OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_bf16m")

@@ -7,8 +7,15 @@
 | `tinyllama-1.1b` | TinyLlama 1.1B | 22 | 2,048 | 32 (4) | 5,632 | 32,000 |
 | `llama2-7b` | Llama-2 7B | 32 | 4,096 | 32 (32) | 11,008 | 32,000 |
 | `llama2-13b` | Llama-2 13B | 40 | 5,120 | 40 (40) | 13,824 | 32,000 |
+| `llama3.2-1b` | Llama 3.2 1B (litgpt `Llama-3.2-1B`) | 16 | 2,048 | 32 (8) | 8,192 | 128,256 |
 
 `vocab_size` can be overridden to match a tokenizer (the demo trains a 4,096-piece one).
+
+`llama3.2-1b` is litgpt's `Llama-3.2-1B` field for field (vocabulary 128,000 padded to 128,256 rows, the
+size of Llama 3's tokenizer.json with its special tokens; rope base 500,000 with Llama 3.1's frequency
+adjustments; 131,072-token context). Meta's checkpoint ties `lm_head` to the embedding; litgpt's GPT has
+no tying (its converter copies the matrix into `lm_head`), so here they are two parameters, 1,498,482,688
+in all (Meta counts 1,235,814,400 with one copy), each with one Adam-mini block per token row.
 """
 from __future__ import annotations
 
@@ -41,6 +48,10 @@ _CONFIGS: dict[str, dict[str, Any]] = {
                       n_embd=4096, head_size=128, intermediate_size=11008),
     "llama2-13b": dict(block_size=4096, vocab_size=32000, n_layer=40, n_head=40, n_query_groups=40,
                        n_embd=5120, head_size=128, intermediate_size=13824),
+    "llama3.2-1b": dict(block_size=131072, vocab_size=128000, padded_vocab_size=128256, padding_multiple=512,
+                        n_layer=16, n_head=32, n_query_groups=8, n_embd=2048, head_size=64, intermediate_size=8192,
+                        rope_base=500000, rope_adjustments=dict(factor=32.0, low_freq_factor=1.0,
+                                                                high_freq_factor=4.0, original_max_seq_len=8192)),
 }
 
 CONFIG_NAMES: tuple[str, ...] = tuple(_CONFIGS)

@@ -4,12 +4,24 @@ re-run alone, and bad --part values are one line."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from data.parts import part_sources
 from data.prepare import main
-from helpers.corpus import SAMPLE_TOKENIZER, c4_lines, make_texts, slimpajama_lines, write_gz, write_parquet, write_zst
+from helpers.corpus import (
+    REPO,
+    SAMPLE_TOKENIZER,
+    c4_lines,
+    make_texts,
+    slimpajama_lines,
+    write_gz,
+    write_parquet,
+    write_zst,
+)
 
 
 def _files(split_dir) -> dict[str, bytes]:
@@ -88,3 +100,26 @@ def test_bad_part_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith(f"error: {message}") and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _sbatch(args: list[str], **env) -> subprocess.CompletedProcess:
+    """launch/slurm_prepare.sbatch run as SLURM would run it (its environment variables), without SLURM."""
+    env = {**os.environ, "AMP_REPO": str(REPO), "AMP_VENV": "/nonexistent", "AMP_PYTHON": sys.executable,
+           "SLURM_CPUS_PER_TASK": "1", **env}
+    return subprocess.run(["bash", str(REPO / "launch" / "slurm_prepare.sbatch"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sbatch_array_recipe_equals_one_process(tmp_path, sources):
+    """The recipe of launch/slurm_prepare.sbatch: array tasks 0..2 of 3, then the job without an array index."""
+    args = ["--train", str(sources), "--shard-tokens", "400", "--tokenizer", str(SAMPLE_TOKENIZER)]
+    for i in (2, 0, 1):  # in any order
+        proc = _sbatch(["--out", str(tmp_path / "parts"), *args], SLURM_ARRAY_TASK_ID=str(i),
+                       SLURM_ARRAY_TASK_COUNT="3")
+        assert proc.returncode == 0 and f"train part {i + 1}/3:" in proc.stdout, proc.stdout + proc.stderr
+    assert _sbatch(["--out", str(tmp_path / "parts"), *args]).returncode == 0
+    assert main(["--out", str(tmp_path / "one"), *args, "--no-progress"]) == 0
+    assert _files(tmp_path / "parts" / "train") == _files(tmp_path / "one" / "train")
+    bad = _sbatch(["--out", str(tmp_path / "x"), *args], SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_COUNT="1",
+                  AMP_PARTS="3")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: array index 3 does not name a part of N=3")
