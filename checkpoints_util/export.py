@@ -8,8 +8,8 @@
   `transformers.LlamaForCausalLM.from_pretrained(DIR)`. Written block by block: peak memory is about
   one shard, so a 13B model exports on a login node.
 
-`--tokenizer PATH|auto` adds the SentencePiece tokenizer (checked against the one the training data was
-prepared with, see checkpoints_util/tokenizer_files.py).
+`--tokenizer PATH|auto` adds the tokenizer, a SentencePiece `tokenizer.model` or a Hugging Face `tokenizer.json`
+(checked against the one the training data was prepared with, see checkpoints_util/tokenizer_files.py).
 
 Both validate the checkpoint against its model config first and write DIR atomically (a temporary
 folder renamed at the end), so a failure leaves no half-written export behind.
@@ -151,7 +151,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD, metavar="SIZE",
                    help=f"hf only: largest safetensors file, e.g. 5GB, 500MB (default {DEFAULT_MAX_SHARD})")
     p.add_argument("--tokenizer", metavar="PATH|auto", default=None,
-                   help="also write tokenizer.model + tokenizer_config.json (and the bos/eos ids for hf); auto = "
+                   help="also write tokenizer.model or tokenizer.json + tokenizer_config.json (and the bos/eos ids "
+                        "for hf); auto = "
                         "the tokenizer recorded in the training data's manifest; a PATH is checked against it")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")

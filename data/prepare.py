@@ -1,4 +1,8 @@
-"""``python -m data.prepare`` / ``amp-prepare``: C4 / SlimPajama sources -> packed token shards.
+"""``python -m data.prepare`` / ``amp-prepare``: C4 / SlimPajama / parquet sources -> packed token shards.
+
+Tokenizer: a SentencePiece model or a Hugging Face tokenizer.json (``data.tokenizer.load_tokenizer``). With
+``--part K/N`` only part K of N of the sources is prepared (data/parts.py); the run without it writes the
+manifest.
 
 Layout written under ``--out DIR``::
 
