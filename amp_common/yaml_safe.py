@@ -8,12 +8,18 @@ with a `yaml.YAMLError` that says where it is; anchors alone are harmless and ac
 
     from amp_common import yaml_safe
     data = yaml_safe.load(path.read_text())   # raises yaml.YAMLError (one line via str()) on bad YAML
+
+`check(text)` refuses the same without building anything (and nesting deeper than MAX_DEPTH, where PyYAML's
+recursive composer would end in a RecursionError): for text that another loader reads later, e.g. every
+command-line value, which jsonargparse parses as YAML with its own loader.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import yaml
+
+MAX_DEPTH = 100  # nested collections; a config has 3
 
 
 class NoAliasSafeLoader(yaml.SafeLoader):
@@ -29,4 +35,27 @@ class NoAliasSafeLoader(yaml.SafeLoader):
 
 def load(text: str) -> Any:
     """The plain data (dicts, lists, strings, numbers, booleans, None, dates) of one YAML document."""
+    check(text)
     return yaml.load(text, Loader=NoAliasSafeLoader)  # a SafeLoader subclass
+
+
+def check(text: str) -> None:
+    """Raise yaml.YAMLError at the first alias, or past MAX_DEPTH nested collections, from the parser's events
+    (which expand nothing). Text that is not valid YAML up to there passes: its loader reports it."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not accepted",
+                                                  event.start_mark)
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise yaml.composer.ComposerError(None, None, f"YAML nested deeper than {MAX_DEPTH} levels",
+                                                      event.start_mark)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.composer.ComposerError:
+        raise
+    except yaml.YAMLError:
+        return

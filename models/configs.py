@@ -20,6 +20,7 @@ in all (Meta counts 1,235,814,400 with one copy), each with one Adam-mini block 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
@@ -65,7 +66,38 @@ def get_config(name: str, **overrides: Any) -> Config:
     fields.setdefault("padded_vocab_size", fields["vocab_size"])
     if "vocab_size" in overrides and "padded_vocab_size" not in overrides:
         fields["padded_vocab_size"] = overrides["vocab_size"]
+    check_shape(fields)
     return Config(name=name, **fields)
+
+
+# Sizes that must be whole numbers >= 1 (litgpt builds 0 or -1 layers silently, and fails later on others).
+_POSITIVE_INTS = ("n_layer", "n_embd", "n_head", "n_query_groups", "head_size", "intermediate_size", "vocab_size",
+                  "padded_vocab_size", "block_size")
+
+
+def check_shape(fields: dict[str, Any]) -> None:
+    """A ValueError naming the first field of a Llama config that cannot make a working model."""
+    def number(key: str) -> float:
+        value = fields[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+        return value
+
+    for key in _POSITIVE_INTS:
+        value = fields[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if fields["n_head"] % fields["n_query_groups"]:
+        raise ValueError(f"n_query_groups ({fields['n_query_groups']}) must divide n_head ({fields['n_head']}): "
+                         "every key/value group serves the same number of query heads")
+    if fields["padded_vocab_size"] < fields["vocab_size"]:
+        raise ValueError(f"padded_vocab_size ({fields['padded_vocab_size']}) is smaller than vocab_size "
+                         f"({fields['vocab_size']})")
+    if not 0 <= number("rotary_percentage") <= 1:
+        raise ValueError(f"rotary_percentage must lie in [0, 1], got {fields['rotary_percentage']!r}")
+    for key in ("rope_base", "norm_eps"):
+        if number(key) <= 0:
+            raise ValueError(f"{key} must be > 0, got {fields[key]!r}")
 
 
 def build_model(config: Config | str, device: torch.device | str | None = "meta") -> GPT:

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from amp_common import yaml_safe
+
 ModelName = Literal["debug", "tiny", "tinyllama-1.1b", "llama2-7b", "llama2-13b"]  # = models.CONFIG_NAMES (tested)
 
 
@@ -211,6 +213,7 @@ def parse_args(argv: list[str]) -> tuple[PretrainConfig, bool]:
     config_file, print_only = _pop(argv, "--config", True), _pop(argv, "--print_config", False) is not None
     values = load_yaml(config_file) if config_file else {}
     _check_keys(values, config_file or "")
+    _check_yaml_values(argv)
     parser = build_parser()
     ns = _parsed(lambda: parser.parse_object(values), config_file or "config", values, [])
     ns = _parsed(lambda: parser.parse_args(argv, namespace=ns), "command line", {}, argv)
@@ -256,7 +259,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_safe.load(path.read_text())  # aliases refused: a few lines could expand to gigabytes
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -266,6 +269,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return data
+
+
+def _check_yaml_values(argv: list[str]) -> None:
+    """jsonargparse reads every command-line value as YAML (a str option's too): refuse aliases and deep nesting
+    before it does, naming the option (a `--model.overrides` "billion laughs" would fill the memory)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            option, value = arg.split("=", 1)
+        else:
+            option, value = (argv[i - 1] if i and argv[i - 1].startswith("--") else arg), arg
+        try:
+            yaml_safe.check(value)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"command line: {option}: {getattr(e, 'problem', None) or e}{where}") from None
 
 
 def _check_keys(values: dict[str, Any], source: str, prefix: str = "") -> None:

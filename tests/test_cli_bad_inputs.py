@@ -16,12 +16,15 @@ The table is the place new cases go: append a `Case(id, argv, expect_rc, expect_
 | `{sample}` | `data/sample` of the repo (tokenizer.model, the sample sources) |
 
 `setup(tmp, fx)` builds crafted files under `tmp` before the run (`fx.data` / `fx.ckpt` are the shared
-fixtures). Keep rows fast: argument and config errors fail before any training.
+fixtures). `max_memory_mb` caps the run's address space (RLIMIT_AS), so that an input that would fill the
+memory fails the case instead of the machine. Keep rows fast: argument and config errors fail before any
+training.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,6 +51,7 @@ class Case:
     expect_rc: int
     expect_in_message: str
     setup: Optional[Callable[[Path, "Fixtures"], None]] = None
+    max_memory_mb: Optional[int] = None
 
 
 class Fixtures:
@@ -111,6 +115,15 @@ def both(*setups: Callable[[Path, Fixtures], None]) -> Callable[[Path, Fixtures]
     return setup
 
 
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" YAML mapping: `levels` lists of nine aliases to the list before, 9**levels values."""
+    items = ["a: &a [" + ", ".join(["lol"] * 9) + "]"]
+    for i in range(1, levels):
+        prev, name = chr(ord("a") + i - 1), chr(ord("a") + i)
+        items.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "{" + ", ".join(items) + "}"
+
+
 # ------------------------------------------------------------------------------------------ the table
 PRETRAIN = ["pretrain", "--out_dir", "{out}", "--data.dir", "{data}", "--model.name", "debug",
             "--train.max_steps", "2"]
@@ -133,6 +146,22 @@ CASES = [
     Case("pretrain-config-binary", [*PRETRAIN, "--config", "{tmp}/c.yaml"], 2, "c.yaml",
          write("c.yaml", b"\xff\xfe\x00garbage")),
     Case("pretrain-override-unknown-field", [*PRETRAIN, "--model.overrides", "{n_layers: 2}"], 2, "n_layers"),
+    Case("pretrain-override-alias-bomb", [*PRETRAIN, "--model.overrides", alias_bomb()], 2,
+         "--model.overrides: YAML aliases", max_memory_mb=1024),
+    Case("pretrain-option-alias-bomb", [*PRETRAIN, "--out_dir", alias_bomb()], 2, "--out_dir: YAML aliases",
+         max_memory_mb=1024),
+    Case("pretrain-config-alias-bomb", [*PRETRAIN, "--config", "{tmp}/bomb.yaml"], 2, "bomb.yaml",
+         write("bomb.yaml", f"model:\n  overrides: {alias_bomb()}\n"), max_memory_mb=1024),
+    Case("pretrain-override-deep-nesting", [*PRETRAIN, "--model.overrides", "[" * 5000 + "]" * 5000], 2,
+         "--model.overrides: YAML nested deeper"),
+    Case("pretrain-config-deep-nesting", [*PRETRAIN, "--config", "{tmp}/deep.yaml"], 2, "deep.yaml",
+         write("deep.yaml", "model: {overrides: " + "[" * 5000 + "]" * 5000 + "}\n")),
+    Case("pretrain-n-layer-negative", [*PRETRAIN, "--model.overrides", "{n_layer: -1}"], 2,
+         "model.overrides: n_layer must be an integer >= 1, got -1"),
+    Case("pretrain-head-size-0", [*PRETRAIN, "--model.overrides", "{head_size: 0}"], 2,
+         "model.overrides: head_size must be an integer >= 1, got 0"),
+    Case("pretrain-query-groups-not-dividing", [*PRETRAIN, "--model.overrides", "{n_query_groups: 3}"], 2,
+         "model.overrides: n_query_groups (3) must divide n_head (4)"),
     Case("pretrain-resume-not-step", [*PRETRAIN, "--resume", "{tmp}/elsewhere"], 2, "resume"),
     Case("pretrain-data-missing", [*PRETRAIN, "--data.dir", "{tmp}/nodata",
                                    "--train.global_batch_tokens", "256", "--data.seq_len", "32",
@@ -203,6 +232,12 @@ def changes(before: dict, after: dict) -> list[str]:
     return sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)})
 
 
+def memory_limit(mb: int | None) -> Callable[[], None] | None:
+    if mb is None:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (mb << 20, mb << 20))
+
+
 def substitute(arg: str, words: dict[str, str]) -> str:
     for word, value in words.items():
         arg = arg.replace("{" + word + "}", value)
@@ -229,7 +264,7 @@ def run_case(case: Case, tmp: Path, fx: Fixtures) -> tuple[int, str, str]:
     before = {name: snapshot(root) for name, root in roots.items()}
     env = {**os.environ, "TMPDIR": str(sys_tmp), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+                          timeout=TIMEOUT_S, stdin=subprocess.DEVNULL, preexec_fn=memory_limit(case.max_memory_mb))
     changed = []
     for name, root in roots.items():
         diff = changes(before[name], snapshot(root))

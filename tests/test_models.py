@@ -90,3 +90,35 @@ def test_init_statistics():
     assert model.transformer.h[0].mlp.proj.weight.std().item() == pytest.approx(proj_std, rel=0.02)
     assert model.transformer.h[0].attn.proj.weight.std().item() == pytest.approx(proj_std, rel=0.05)
     assert torch.all(model.transformer.h[0].norm_1.weight == 1)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"n_layer": -1}, "n_layer must be an integer >= 1, got -1"),  # litgpt built a model with no layers
+    ({"n_layer": 0}, "n_layer must be an integer >= 1, got 0"),
+    ({"n_embd": 0}, "n_embd must be an integer >= 1, got 0"),
+    ({"head_size": 0}, "head_size must be an integer >= 1, got 0"),
+    ({"vocab_size": 0}, "vocab_size must be an integer >= 1, got 0"),
+    ({"intermediate_size": -5}, "intermediate_size must be an integer >= 1, got -5"),
+    ({"n_head": 0}, "n_head must be an integer >= 1, got 0"),
+    ({"n_layer": 2.5}, "n_layer must be an integer >= 1, got 2.5"),
+    ({"n_layer": True}, "n_layer must be an integer >= 1, got True"),
+    ({"block_size": "128"}, "block_size must be an integer >= 1, got '128'"),
+    ({"n_query_groups": 3}, "n_query_groups (3) must divide n_head (4)"),  # litgpt: a bare AssertionError
+    ({"padded_vocab_size": 10}, "padded_vocab_size (10) is smaller than vocab_size (4096)"),
+    ({"rotary_percentage": 1.5}, "rotary_percentage must lie in [0, 1], got 1.5"),
+    ({"rope_base": 0}, "rope_base must be > 0, got 0"),
+    ({"norm_eps": float("nan")}, "norm_eps must be a finite number, got nan"),
+])
+def test_shapes_that_cannot_work_are_named(override, message):
+    with pytest.raises(ValueError) as e:
+        get_config("debug", **override)
+    assert str(e.value).startswith(message)
+
+
+def test_shape_checks_accept_every_named_config_and_odd_but_valid_shapes():
+    for name in CONFIG_NAMES:
+        get_config(name)
+    for override in ({"head_size": 15}, {"rotary_percentage": 0.0}, {"n_query_groups": 4}, {"n_query_groups": 1},
+                     {"n_embd": 63}, {"vocab_size": 1, "n_layer": 1}):
+        assert count_params(get_config("debug", **override)) == sum(
+            p.numel() for p in build_model(get_config("debug", **override)).parameters())
