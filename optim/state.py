@@ -35,8 +35,9 @@ a `ShardedTensor` there would lose the other ranks' pieces. The app saves `Optim
 of its own DCP save (checkpoints_util/store.py), never through `fabric.save` (FSDP.optim_state_dict
 cannot handle a per-block v).
 
-Limitations: replicated shards across ranks that also shard (HSDP) are refused in
-`sharded_state_dict`; plain replication (DDP) is fine. `ShardedTensor` is deprecated in favour of
+Hybrid sharding (HSDP): the replicas hold the same pieces; each is listed once in the ShardedTensor's metadata
+and DCP writes it once (the folder has the bytes of a FULL_SHARD save), and every replica loads its own copy.
+`ShardedTensor` is deprecated in favour of
 DTensor (FutureWarning in torch 2.13, still fully supported by DCP there); DTensor cannot express
 FSDP1's irregular flat pieces, so a replacement would be DCP's `__create_write_items__` protocol.
 """
@@ -178,19 +179,21 @@ def _sharded_tensors(pieces: dict[str, list[tuple[int, int, torch.Tensor]]], eve
     me = rank()
     out = {}
     for name in sorted(pieces):
-        shards_md, local, seen = [], [], {}
+        # Under hybrid sharding (HSDP) the replicas hold the same pieces: each distinct piece is listed once,
+        # as this rank's if it holds it (so that every replica saves from and loads into its own copy), else as
+        # the lowest holding rank's. DCP's save planner writes a piece that several ranks list only once.
+        holder: dict[tuple[int, int], tuple[int, str]] = {}
         for r in range(len(everyone)):
             for a, b, device in (everyone[r] or {}).get(name, []):
-                if (a, b) in seen:
-                    raise NotImplementedError(
-                        f"{name}[{a}:{b}] is held by ranks {seen[(a, b)]} and {r}: replicated shards (HSDP) are not "
-                        f"supported by optim.state.sharded_state_dict; use full_state_dict")
-                seen[(a, b)] = r
-                md = ShardMetadata(shard_offsets=[a], shard_sizes=[b - a], placement=f"rank:{r}/{device}")
-                shards_md.append(md)
-                if r == me:
-                    view = next(t for x, y, t in pieces[name] if (x, y) == (a, b))
-                    local.append(Shard(tensor=view, metadata=md))
+                if (a, b) not in holder or r == me:
+                    holder[(a, b)] = (r, device)
+        shards_md, local = [], []
+        for (a, b), (r, device) in sorted(holder.items()):
+            md = ShardMetadata(shard_offsets=[a], shard_sizes=[b - a], placement=f"rank:{r}/{device}")
+            shards_md.append(md)
+            if r == me:
+                view = next(t for x, y, t in pieces[name] if (x, y) == (a, b))
+                local.append(Shard(tensor=view, metadata=md))
         if sum(md.shard_sizes[0] for md in shards_md) != numel[name]:
             raise RuntimeError(f"{name}: the ranks' pieces cover {sum(md.shard_sizes[0] for md in shards_md)} of "
                                f"{numel[name]} elements (are all ranks in the default group?)")

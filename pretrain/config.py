@@ -135,6 +135,13 @@ class SystemConfig:
     """processes (GPUs) per node"""
     num_nodes: int = 1
     """number of nodes"""
+    replicas: Optional[int] = None
+    """sharding layout of fsdp/fsdp2: 1 = FULL_SHARD over all ranks (every all-gather and reduce-scatter spans
+    all nodes); N > 1 = hybrid sharding (HSDP): N replicas, each sharding the model over world/N ranks; only
+    one gradient all-reduce per unit crosses between replicas. Use one replica per node on several nodes
+    (shards inside the fast NVLink domain, memory per GPU of a one-node FULL_SHARD run); set 1 when the model
+    does not fit one node's GPUs. N must divide devices x num_nodes. null = num_nodes with fsdp/fsdp2 on
+    several nodes, else 1"""
     precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = "auto"
     """auto = bf16-mixed on GPU, 32-true on CPU"""
     activation_checkpointing: bool = False
@@ -359,6 +366,8 @@ def validate(cfg: PretrainConfig) -> None:
                        ("logging.interval", cfg.logging.interval), ("system.devices", cfg.system.devices),
                        ("system.num_nodes", cfg.system.num_nodes), ("eval.batches", e.batches)):
         need(value > 0, f"{key} must be > 0, got {value}")
+    need(cfg.system.replicas is None or cfg.system.replicas > 0,
+         f"system.replicas must be > 0 or null, got {cfg.system.replicas}")
     need(e.micro_batch_size is None or e.micro_batch_size > 0,
          f"eval.micro_batch_size must be > 0 or null, got {e.micro_batch_size}")
     for key, value in (("eval.interval", e.interval), ("checkpoint.interval", cfg.checkpoint.interval),

@@ -7,6 +7,10 @@
   `Shard(0)` parameters); bf16-mixed is FSDP2's `MixedPrecisionPolicy` (bf16 parameters in forward and
   backward, fp32 gradient reduction). Each Block is materialised, initialised and sharded in turn.
 - `ddp` / `single`: DDP over NCCL or gloo, or one process.
+- `system.replicas` N > 1 (null: one per node on several nodes): hybrid sharding (HSDP) for fsdp/fsdp2, N
+  replicas of world/N consecutive ranks each (`Plan.replicas` x `Plan.shard_size`): FSDP1 `HYBRID_SHARD` on a
+  `(replicate, shard)` device mesh, FSDP2 `fully_shard` on that 2-D mesh. Adam-mini's block sums then go over the
+  shard group only (the group FSDP gives its units: optim/flat.py, optim/dtensor.py).
 Initial weights are the same for every strategy and world size (`models.init`: one generator per parameter).
 `system.compile` compiles each `Block` (`Block.compile()`, in place, so parameter names do not change);
 `system.activation_checkpointing` recomputes each `Block` in the backward pass.
@@ -35,10 +39,17 @@ class Plan:
     compile: bool
     activation_checkpointing: bool
 
+    replicas: int = 1              # > 1: hybrid sharding, `replicas` x `shard_size` ranks (fsdp/fsdp2 only)
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks that shard the model together (all of them under FULL_SHARD)."""
+        return self.world_size // self.replicas
     def describe(self) -> str:
         extras = [x for x, on in (("compiled", self.compile), ("activation checkpointing",
                                                                self.activation_checkpointing)) if on]
-        return f"{self.strategy} x {self.world_size} {self.accelerator} ({', '.join([self.precision, *extras])})"
+        layout = f"hsdp {self.replicas}x{self.shard_size}" if self.replicas > 1 else f"x {self.world_size}"
+        return f"{self.strategy} {layout} {self.accelerator} ({', '.join([self.precision, *extras])})"
 
 
 def plan(cfg: PretrainConfig) -> Plan:
@@ -60,7 +71,22 @@ def plan(cfg: PretrainConfig) -> Plan:
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "cuda" else "32-true"
     compile_ = accelerator == "cuda" if s.compile is None else s.compile
-    return Plan(accelerator, strategy, precision, world, compile_, s.activation_checkpointing)
+    return Plan(accelerator, strategy, precision, world, compile_, s.activation_checkpointing,
+                replicas=_replicas(s.replicas, strategy, world, s.num_nodes))
+
+
+def _replicas(asked: int | None, strategy: str, world: int, num_nodes: int) -> int:
+    """The number of model replicas (HSDP when > 1): `system.replicas`, or one per node for fsdp/fsdp2 on
+    several nodes."""
+    sharded = strategy in ("fsdp", "fsdp2")
+    if asked is None:
+        return num_nodes if sharded and num_nodes > 1 else 1
+    if asked > 1 and not sharded:
+        raise ConfigError(f"system.replicas={asked} is a layout of fsdp/fsdp2 (hybrid sharding); "
+                          f"system.strategy={strategy} shards nothing: leave system.replicas null or 1")
+    if world % asked:
+        raise ConfigError(f"system.replicas={asked} does not divide the world size devices x num_nodes = {world}")
+    return asked
 
 
 def build_fabric(cfg: PretrainConfig, p: Plan, model_config: Config) -> L.Fabric:
@@ -91,7 +117,9 @@ def _fsdp1_strategy(cfg: PretrainConfig, p: Plan, model_config: Config):
         auto_wrap_policy={Block},
         activation_checkpointing_policy={Block} if p.activation_checkpointing else None,
         state_dict_type="sharded",
-        sharding_strategy="FULL_SHARD",
+        # HSDP: shard over the mesh's inner dimension ("shard", the ranks of one node), replicate over the outer
+        sharding_strategy="HYBRID_SHARD" if p.replicas > 1 else "FULL_SHARD",
+        device_mesh=(p.replicas, p.shard_size) if p.replicas > 1 else None,
         use_orig_params=False,  # Adam-mini works on FSDP1 FlatParameters (optim/flat.py)
         limit_all_gathers=True,
         param_init_fn=partial(materialize, model_config=model_config, seed=cfg.seed, recurse=False),
@@ -125,7 +153,7 @@ def _fsdp2_parallelize(model: GPT, mesh, p: Plan, model_config: Config, seed: in
     """`ModelParallelStrategy`'s parallelize_fn: per Block materialise, initialise, (checkpoint, compile,) shard."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    dp_mesh = mesh["data_parallel"]
+    dp_mesh = hsdp_mesh(mesh, p.replicas) if p.replicas > 1 else mesh["data_parallel"]
     policy = MixedPrecisionPolicy()
     if p.precision == "bf16-mixed":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -148,6 +176,19 @@ def wrap_blocks(model: GPT, p: Plan) -> None:
 
         for i, block in enumerate(model.transformer.h):
             model.transformer.h[i] = checkpoint_wrapper(block)
+def hsdp_mesh(mesh, replicas: int):
+    """The 2-D `("replicate", "shard")` mesh of HSDP over the ranks of ModelParallelStrategy's data-parallel
+    dimension (Fabric builds that one 1-D; `fully_shard` on a 2-D mesh replicates over dim 0, shards over dim 1).
+    Consecutive ranks shard together: with one replica per node, the shards stay inside a node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = mesh["data_parallel"]
+    world = dp.size()
+    if dp.size() != mesh.size():
+        raise ConfigError("hybrid sharding (system.replicas > 1) needs tensor_parallel_size 1")
+    return init_device_mesh(mesh.device_type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+
+
     if p.compile:
         for block in model.transformer.h:
             block.compile()

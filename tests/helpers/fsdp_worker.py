@@ -107,20 +107,39 @@ def initial_params() -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- wrapping
-def wrap_fsdp1(model):
+# HSDP kinds ("hsdp1": FSDP1 HYBRID_SHARD, "hsdp2": FSDP2 on a 2-D mesh): 2 replicas x world/2 shards
+HSDP_REPLICAS = 2
+
+
+def hsdp_mesh(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (HSDP_REPLICAS, world // HSDP_REPLICAS), mesh_dim_names=("replicate", "shard"))
+
+
+def shard_of(kind: str, rank: int, world: int) -> tuple[int, int]:
+    """(rank in its shard group, shard group size) of `rank` under `kind`."""
+    if kind.startswith("hsdp"):
+        size = world // HSDP_REPLICAS
+        return rank % size, size
+    return rank, world
+
+
+def wrap_fsdp1(model, hybrid: bool = False, world: int = 0):
     from litgpt.model import Block
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    extra = dict(sharding_strategy=ShardingStrategy.HYBRID_SHARD, device_mesh=hsdp_mesh(world)) if hybrid else \
+        dict(sharding_strategy=ShardingStrategy.FULL_SHARD)
     return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
-                use_orig_params=False, sharding_strategy=ShardingStrategy.FULL_SHARD)
+                use_orig_params=False, **extra)
 
 
-def wrap_fsdp2(model, world):
+def wrap_fsdp2(model, world, hybrid: bool = False):
     from litgpt.model import Block
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = hsdp_mesh(world) if hybrid else init_device_mesh("cpu", (world,))
     for m in model.modules():
         if isinstance(m, Block):
             fully_shard(m, mesh=mesh)
@@ -140,7 +159,7 @@ class FabricLike(torch.nn.Module):
 def full_params(model, kind) -> dict[str, torch.Tensor]:
     if kind in ("plain", "ddp"):
         return {canonical_name(n): p.detach().clone() for n, p in model.named_parameters()}
-    if kind == "fsdp1":
+    if kind in ("fsdp1", "hsdp1"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         with FSDP.summon_full_params(model, writeback=False):
             return {canonical_name(n): p.detach().clone() for n, p in model.named_parameters()}
@@ -174,7 +193,9 @@ def describe_units(units, layouts, rank: int = 0, world: int = 1) -> list[dict]:
             replica_ok = (shard_numel == local.numel() and pad == local.numel() - held and
                           [(u.names[i], a, b, o) for i, a, b, o in segs]
                           == [(s.name, s.start, s.end, s.offset) for s in u.segments])
+        group_ranks = None if u.group is None else tuple(dist.get_process_group_ranks(u.group))
         out.append(dict(label=u.label, names=u.names, local_numel=local.numel(), held=held, replica_ok=replica_ok,
+                        group_ranks=group_ranks,
                         padding=local.numel() - held,
                         segments=[(s.name, s.start, s.end, s.offset) for s in u.segments],
                         partial_only=len(u.segments) == 1 and (u.segments[0].end - u.segments[0].start)
@@ -260,18 +281,22 @@ def state_err(got: dict, ref: dict) -> dict[str, float]:
     return out
 
 
-def build(kind: str, world: int, wd: float, options: dict, init: dict | None = None, drop_groups: bool = False):
+def build(kind: str, world: int, wd: float, options: dict, init: dict | None = None, drop_groups: bool = False,
+          world_groups: bool = False):
     """A model (optionally loaded with full `init` parameters), wrapped as `kind`, and its Adam-mini
-    from `optim.build.build_optimizer` (which dispatches on the wrapping) with Adam-mini `options`."""
+    from `optim.build.build_optimizer` (which dispatches on the wrapping) with Adam-mini `options`.
+
+    Negative controls: `drop_groups` (no all-reduce of the block sums), `world_groups` (the block sums of the
+    sharded units all-reduced over the whole world, i.e. also across HSDP replicas)."""
     model = new_model()
     if init is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(init[n])
-    if kind == "fsdp1":
-        model = wrap_fsdp1(model)
-    elif kind == "fsdp2":
-        model = wrap_fsdp2(model, world)
+    if kind in ("fsdp1", "hsdp1"):
+        model = wrap_fsdp1(model, kind == "hsdp1", world)
+    elif kind in ("fsdp2", "hsdp2"):
+        model = wrap_fsdp2(model, world, kind == "hsdp2")
     elif kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model)
@@ -281,6 +306,10 @@ def build(kind: str, world: int, wd: float, options: dict, init: dict | None = N
     if drop_groups:  # negative control: no all-reduce of the block sums
         for u in opt.units:
             u.group = None
+    if world_groups:
+        for u in opt.units:
+            if u.group is not None:
+                u.group = dist.group.WORLD
     return model, opt
 
 
@@ -294,11 +323,11 @@ def run_steps(kind: str, model, opt, rank: int, world: int, first: int, steps: i
 def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
     """Sharded Adam-mini for STEPS steps vs the single-process one on the same data (or gradients)."""
     kind, wd, flags, options = task["kind"], task["wd"], task.get("flags", ()), task.get("options", {})
-    model, opt = build(kind, world, wd, options, drop_groups="nogroup" in flags)
+    model, opt = build(kind, world, wd, options, drop_groups="nogroup" in flags, world_groups="worldgroup" in flags)
     # optim.state reads each parameter's blocks and size from the layouts the optimizer keeps
     layouts = model_layout(config(), model_units(model)[1], partition_of(options))
     assert opt.layouts == layouts, "the optimizer's layouts differ from the model's"
-    geo = describe_units(opt.units, layouts, rank, world)
+    geo = describe_units(opt.units, layouts, *shard_of(kind, rank, world))
     if kind == "fsdp1":  # names are the same seen through a Fabric-like wrapper (`_forward_module`)
         from optim.flat import fsdp1_units
         assert [u.names for u in fsdp1_units(FabricLike(model))[0]] == [u.names for u in opt.units]
@@ -306,7 +335,7 @@ def task_eq(task: dict, rank: int, world: int, base, refs: dict) -> dict | None:
     run_steps(kind, model, opt, rank, world, 0, STEPS, synthetic)
     got = full_params(model, kind)
     # (the negative control dropped the groups, so its pieces cannot be gathered by full_state_dict)
-    got_state = None if "nogroup" in flags else full_state_dict(opt)
+    got_state = None if {"nogroup", "worldgroup"} & set(flags) else full_state_dict(opt)
     geos = [None] * world
     dist.all_gather_object(geos, geo)
     if rank != 0:
