@@ -143,7 +143,9 @@ class SystemConfig:
     does not fit one node's GPUs. N must divide devices x num_nodes. null = num_nodes with fsdp/fsdp2 on
     several nodes, else 1"""
     precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = "auto"
-    """auto = bf16-mixed on GPU, 32-true on CPU"""
+    """auto = bf16-mixed on GPU, 32-true on CPU. bf16-mixed: fp32 master weights, gradients and optimizer state,
+    bf16 compute (fsdp/fsdp2 all-gather bf16 weights; gradients are reduced in bf16 under fsdp, in fp32 under
+    fsdp2 and ddp); bf16-true: bf16 weights and gradients (Adam-mini's m and v stay fp32). README: Precision"""
     activation_checkpointing: bool = False
     """recompute each transformer Block in the backward pass (any strategy)"""
     compile: Optional[bool] = None

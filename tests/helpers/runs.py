@@ -58,18 +58,20 @@ def cli_args(cfg) -> list[str]:
     return args
 
 
-def popen_pretrain(args: list[str], faults: str = "", record: Path | None = None) -> subprocess.Popen:
-    """`python -m pretrain ARGS` from the repo root; with `faults` or `record` (see helpers/faults.py) through
-    fault_run.py."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AMP_TEST_FAULTS": faults, "AMP_TEST_RECORD": str(record or "")}
-    cmd = [sys.executable, str(FAULT_RUN)] if faults or record else [sys.executable, "-m", "pretrain"]
+def popen_pretrain(args: list[str], faults: str = "", record: Path | None = None, probe: Path | None = None
+                   ) -> subprocess.Popen:
+    """`python -m pretrain ARGS` from the repo root; with `faults` or `record` (see helpers/faults.py) or `probe`
+    (helpers/precision_probe.py) through fault_run.py."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AMP_TEST_FAULTS": faults, "AMP_TEST_RECORD": str(record or ""),
+           "AMP_TEST_PROBE": str(probe or "")}
+    cmd = [sys.executable, str(FAULT_RUN)] if faults or record or probe else [sys.executable, "-m", "pretrain"]
     return subprocess.Popen([*cmd, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # its own process group: signals reach every rank
 
 
-def run_pretrain(args: list[str], faults: str = "", record: Path | None = None, timeout: float = 600
-                 ) -> tuple[int, str]:
-    proc = popen_pretrain(args, faults, record)
+def run_pretrain(args: list[str], faults: str = "", record: Path | None = None, timeout: float = 600,
+                 probe: Path | None = None) -> tuple[int, str]:
+    proc = popen_pretrain(args, faults, record, probe)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
