@@ -31,6 +31,16 @@ class ModelConfig:
 
 
 @dataclass
+class InitConfig:
+    from_: Optional[str] = None
+    """start a fresh run from these weights (pretrain/init_from.py): a folder written by `amp-ckpt import`
+    (Hugging Face or litgpt weights) or any checkpoint of ours (a step-XXXXXXXX folder, or a run folder: its
+    newest), weights only: step 0, fresh optimizer state, data position and schedule. The model config comes
+    from it (model.name / model.overrides, if set, must agree). Checkpoints already in out_dir win (resume
+    auto). The option is init.from (the field is from_: `from` is a Python keyword); null = random weights"""
+
+
+@dataclass
 class DataConfig:
     dir: str = "out/data/sample"
     """folder of prepared shards (`python -m data.prepare` output)"""
@@ -163,6 +173,7 @@ class PretrainConfig:
     seed: int = 42
     """random seed, the same on every rank (initial weights, data order)"""
     model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -174,6 +185,7 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
+        d["init"] = {"from": d["init"].pop("from_")}
         return d
 
     def to_yaml(self) -> str:
@@ -213,6 +225,9 @@ def build_parser():
     parser.add_argument("--config", metavar="FILE", help="YAML file with sections like configs/demo.yaml")
     parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     parser.add_class_arguments(PretrainConfig, fail_untyped=True, sub_configs=False)
+    init_from = parser._option_string_actions.pop("--init.from_")  # spelled as users write it (see InitConfig)
+    init_from.option_strings, init_from.metavar = ["--init.from"], "PATH"
+    parser._option_string_actions["--init.from"] = init_from
     return parser
 
 
@@ -220,7 +235,7 @@ def parse_args(argv: list[str]) -> tuple[PretrainConfig, bool]:
     """Returns (config, print_config_only). Raises ConfigError naming the file or option."""
     argv = list(argv)
     config_file, print_only = _pop(argv, "--config", True), _pop(argv, "--print_config", False) is not None
-    values = load_yaml(config_file) if config_file else {}
+    values = _keyword_keys(load_yaml(config_file) if config_file else {})
     _check_keys(values, config_file or "")
     _check_yaml_values(argv)
     parser = build_parser()
@@ -231,10 +246,19 @@ def parse_args(argv: list[str]) -> tuple[PretrainConfig, bool]:
 
 def from_dict(values: dict[str, Any], source: str = "dict") -> PretrainConfig:
     """A validated config from nested mappings (what a YAML file holds)."""
+    values = _keyword_keys(values)
     _check_keys(values, source)
     parser = build_parser()
     ns = _parsed(lambda: parser.parse_object(values), source, values, [])
     return _finish(parser, ns)
+
+
+def _keyword_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML's `init: {from: PATH}` as the dataclass field `init.from_` (`from` is a Python keyword)."""
+    init = values.get("init")
+    if isinstance(init, dict) and "from" in init:
+        values = {**values, "init": {("from_" if k == "from" else k): v for k, v in init.items()}}
+    return values
 
 
 def _finish(parser, ns) -> PretrainConfig:
@@ -387,6 +411,7 @@ def validate(cfg: PretrainConfig) -> None:
          f"optimizer.implementation={o.implementation} applies to adam_mini only; use auto with adamw")
     need(cfg.logging.peak_flops is None or (math.isfinite(cfg.logging.peak_flops) and cfg.logging.peak_flops > 0),
          f"logging.peak_flops must be > 0 or null, got {cfg.logging.peak_flops}")
+    need(cfg.init.from_ is None or cfg.init.from_.strip() != "", "init.from must name a folder, got ''")
     need(cfg.resume in ("auto", "none") or Path(cfg.resume).name.startswith("step-"),
          f"resume must be auto, none or a step-XXXXXXXX folder, got {cfg.resume!r}")
     model_config(cfg)
