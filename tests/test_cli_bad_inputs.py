@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import pytest
 
 from amp_common import exits
+from helpers.corpus import train_bpe_json, write_parquet
 from helpers.data import REPO, SAMPLE
 
 EXIT_CODES = {exits.OK, exits.NON_FINITE, exits.BAD_INPUT, exits.DISK, exits.INTERRUPTED, exits.SIGTERM}
@@ -181,6 +182,17 @@ CASES = [
          2, "no.model", gz("a.json.gz", [b'{"text": "fine"}'])),
     Case("prepare-tokenizer-garbage", [*PREPARE, "--tokenizer", "{tmp}/t.model", "--train", "{tmp}/a.json.gz"],
          2, "t.model", both(gz("a.json.gz", [b'{"text": "fine"}']), write("t.model", b"\x00" * 64))),
+    Case("prepare-parquet-damaged", [*PREPARE, "--train", "{tmp}/a.parquet"], 2, "a.parquet: not a readable parquet",
+         write("a.parquet", b"PAR1" + b"\x00" * 60 + b"PAR1")),
+    Case("prepare-parquet-missing-column", [*PREPARE, "--train", "{tmp}/a.parquet"], 2,
+         "a.parquet: no column 'text'", lambda tmp, fx: write_parquet(tmp / "a.parquet", ["x y"], column="body")),
+    Case("prepare-parquet-not-strings", [*PREPARE, "--train", "{tmp}/a.parquet", "--text-field", "id"], 2,
+         "a.parquet: column 'id' holds int64", lambda tmp, fx: write_parquet(tmp / "a.parquet", ["x y"])),
+    Case("prepare-tokenizer-json-no-bos-eos", [*PREPARE, "--tokenizer", "{tmp}/tok.json", "--train",
+                                               "{tmp}/a.json.gz"], 2, "tok.json: no BOS or EOS token",
+         both(gz("a.json.gz", [b'{"text": "fine"}']),
+              lambda tmp, fx: train_bpe_json(tmp / "tok.json", ["a b c"] * 5, vocab_size=270, template=False))),
+    Case("prepare-part-out-of-range", [*PREPARE, "--part", "4/3"], 2, "--part"),
     # --- data.tokenizer
     Case("tokenizer-vocab-too-small", ["data.tokenizer", "--out", "{out}/t.model", "--vocab-size", "10"],
          2, "--vocab-size"),
