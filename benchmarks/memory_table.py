@@ -29,12 +29,17 @@ micro-batch b = 1, sequence s = 2048):
       + 10·s·b·V                                    logits bf16 + fp32 upcast + fp32 gradient
     plus a fixed reserve of 2 GiB (CUDA context, NCCL buffers, allocator fragmentation).
 
+Hybrid sharding (HSDP, `system.replicas` R > 1, the default on several nodes: one replica per node): every
+replica shards the model over its S = W / R GPUs, so a GPU holds what FULL_SHARD on S GPUs holds (the formulas
+above with W = S; the replicas' v and steps are copies too). Rows "HSDP R×S" show it with S = 8 GPUs per node.
+
 A configuration "fits" a card when weights + grads + optimizer state + transient + A + reserve is at
 most the card's memory (40 GiB, 80 GiB). W = 1 is counted with the same formulas (FSDP then falls back
 to NO_SHARD; the bf16 compute copies are the same size). Nothing is allocated: shapes come from the
 meta-device model. Prints a table and, last, one JSON line.
 
-    python -m benchmarks.memory_table --check-fsdp 3 [--seq-len 2048] [--micro-batch 1] [--reserve-gib 2]
+    python -m benchmarks.memory_table --check-fsdp 3 --check-hsdp 4 [--seq-len 2048] [--micro-batch 1]
+        [--reserve-gib 2]
     (also writes benchmarks/results/memory_table.md)
 """
 from __future__ import annotations
@@ -53,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = ("tinyllama-1.1b", "llama3.2-1b", "llama2-7b", "llama2-13b")
 WORLD_SIZES = (1, 8, 16)
+GPUS_PER_NODE = 8
+HSDP_NODES = (4, 16)   # HSDP rows: nodes x GPUS_PER_NODE GPUs, one replica per node
 CARDS_GIB = (40, 80)
 OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_bf16m")
 LABEL = {"adamw": "AdamW", "adam_mini": "Adam-mini", "adam_mini_bf16m": "Adam-mini (bf16 m)"}
@@ -122,8 +129,9 @@ def min_gpus(units, act: int, reserve: int, card: int, opt: str, limit: int = 25
 
 
 # ------------------------------------------------------------------ cross-check against real FSDP1
-def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: FSDP1 (CPU, gloo) over the `debug` model; real per-rank bytes after one step of each optimizer."""
+def _fsdp_worker(rank: int, world: int, port: int, out: str, replicas: int = 1) -> None:
+    """One rank: FSDP1 (CPU, gloo) over the `debug` model, FULL_SHARD or (`replicas` > 1) HYBRID_SHARD on a
+    (replicas, world / replicas) mesh; real per-rank bytes after one step of each optimizer."""
     import os
 
     import torch
@@ -146,8 +154,14 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
             name, options = BUILD_OPTIONS[opt_name]
             model = models.build_model(config, device="cpu")
             models.init_model(model, config.n_layer, config.n_embd, seed=0)
+            layout = dict(sharding_strategy=ShardingStrategy.FULL_SHARD)
+            if replicas > 1:
+                from torch.distributed.device_mesh import init_device_mesh
+
+                mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+                layout = dict(sharding_strategy=ShardingStrategy.HYBRID_SHARD, device_mesh=mesh)
             model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), device_id=torch.device("cpu"),
-                         use_orig_params=False, sharding_strategy=ShardingStrategy.FULL_SHARD)
+                         use_orig_params=False, **layout)
             opt = build_optimizer(model, config, name, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   **options)
             x = torch.randint(0, config.padded_vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
@@ -162,8 +176,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def check_fsdp(world: int) -> dict:
-    """Real FSDP1 per-rank bytes (debug model, CPU) against `per_gpu_bytes`; raises on a mismatch."""
+def check_fsdp(world: int, replicas: int = 1) -> dict:
+    """Real FSDP1 per-rank bytes (debug model, CPU) against `per_gpu_bytes` (of the shard size world / replicas
+    under HSDP); raises on a mismatch."""
     import socket
     import tempfile
 
@@ -176,16 +191,17 @@ def check_fsdp(world: int) -> dict:
     s.close()
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/bytes"
-        mp.spawn(_fsdp_worker, args=(world, port, out), nprocs=world, join=True)
+        mp.spawn(_fsdp_worker, args=(world, port, out, replicas), nprocs=world, join=True)
         real = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]
-    want = per_gpu_bytes(fsdp_units(models.get_config("debug")), world)
+    want = per_gpu_bytes(fsdp_units(models.get_config("debug")), world // replicas)
     keys = ("weights", "grads", *OPTIMIZERS)
     for r, got in enumerate(real):
         for k in keys:
             if got[k] != want[k]:
-                raise SystemExit(f"error: FSDP1 check, rank {r} of {world}: real {k} = {got[k]} bytes, "
-                                 f"formula {want[k]}")
-    return {"world": world, "model": "debug", "per_rank_bytes": {k: want[k] for k in keys}, "agrees": True}
+                raise SystemExit(f"error: FSDP1 check, rank {r} of {world} ({replicas} replicas): real {k} = "
+                                 f"{got[k]} bytes, formula {want[k]}")
+    return {"world": world, "replicas": replicas, "model": "debug", "per_rank_bytes": {k: want[k] for k in keys},
+            "agrees": True}
 
 
 def main() -> None:
@@ -193,6 +209,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--check-fsdp", type=int, default=0, metavar="W",
                     help="first check the formulas against real FSDP1 on W CPU processes (debug model, gloo)")
+    ap.add_argument("--check-hsdp", type=int, default=0, metavar="W",
+                    help="also check HSDP (HYBRID_SHARD, 2 replicas x W/2) on W CPU processes; W even")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--reserve-gib", type=float, default=2.0)
     ap.add_argument("--markdown", default=str(ROOT / "benchmarks" / "results" / "memory_table.md"),
@@ -204,6 +222,14 @@ def main() -> None:
         fsdp_check = check_fsdp(args.check_fsdp)
         print(f"FSDP1 check: real per-rank bytes of weights, grads, AdamW and Adam-mini state (fp32 and bf16 m) on "
               f"{args.check_fsdp} CPU ranks (debug model) equal the formulas: {fsdp_check['per_rank_bytes']}")
+    hsdp_check = None
+    if args.check_hsdp:
+        if args.check_hsdp < 4 or args.check_hsdp % 2:
+            raise SystemExit(f"error: --check-hsdp {args.check_hsdp}: needs an even number of ranks >= 4 "
+                             f"(2 replicas of >= 2 shards)")
+        hsdp_check = check_fsdp(args.check_hsdp, replicas=2)
+        print(f"HSDP check: the same bytes on {args.check_hsdp} CPU ranks as 2 replicas x {args.check_hsdp // 2} "
+              f"shards equal the formulas with W = {args.check_hsdp // 2}: {hsdp_check['per_rank_bytes']}")
 
     rows, fits = [], []
     for name in MODELS:
@@ -211,12 +237,13 @@ def main() -> None:
         units = fsdp_units(config)
         params = sum(u["numel"] for u in units)
         act = activation_bytes(config, args.seq_len, args.micro_batch)
-        for w in WORLD_SIZES:
-            b = per_gpu_bytes(units, w)
+        for w, replicas in [(w, 1) for w in WORLD_SIZES] + [(n * GPUS_PER_NODE, n) for n in HSDP_NODES]:
+            b = per_gpu_bytes(units, w // replicas)
             for opt in OPTIMIZERS:
                 total = static_bytes(b, opt)
                 need = total + act + reserve
-                rows.append(dict(model=name, params=params, world=w, optimizer=opt, weights=b["weights"],
+                rows.append(dict(model=name, params=params, world=w, replicas=replicas, optimizer=opt,
+                                 weights=b["weights"],
                                  grads=b["grads"], optimizer_state=b[opt], transient=b["transient"],
                                  static_total=total, activations=act, reserve=reserve, need=need,
                                  adam_mini_v=0 if opt == "adamw" else b["adam_mini_v"],
@@ -226,7 +253,8 @@ def main() -> None:
                              **{f"min_gpus_{opt}": min_gpus(units, act, reserve, c * GIB, opt) for opt in OPTIMIZERS}))
 
     out = []
-    out.append(f"Per-GPU memory, FSDP FULL_SHARD (use_orig_params=False, bf16-mixed), GiB. Activation headroom: "
+    out.append(f"Per-GPU memory, FSDP FULL_SHARD or HSDP (replicas x GPUs each; use_orig_params=False, bf16-mixed), "
+               f"GiB. Activation headroom: "
                f"checkpointing per Block, micro-batch {args.micro_batch} x seq {args.seq_len}, + {args.reserve_gib:g} "
                f"GiB reserve. Adam-mini (bf16 m): `optimizer.adam_mini.momentum_dtype: bfloat16`.")
     out.append("")
@@ -239,7 +267,8 @@ def main() -> None:
 
     for r in rows:
         g = lambda x: f"{x / GIB:.2f}"  # noqa: E731
-        out.append(f"| {r['model']} | {r['world']} | {LABEL[r['optimizer']]} | {g(r['weights'])} | {g(r['grads'])} | "
+        gpus = f"{r['world']} (HSDP {r['replicas']}×{r['world'] // r['replicas']})" if r["replicas"] > 1 else r["world"]
+        out.append(f"| {r['model']} | {gpus} | {LABEL[r['optimizer']]} | {g(r['weights'])} | {g(r['grads'])} | "
                    f"{g(r['optimizer_state'])} | {v_cell(r)} | "
                    f"{g(r['transient'])} | {g(r['static_total'])} | {g(r['need'])} | "
                    f"{'yes' if r['fits_40gib'] else 'no'} | {'yes' if r['fits_80gib'] else 'no'} |")
@@ -252,6 +281,9 @@ def main() -> None:
         out.append(f"| {f['model']} | {f['card_gib']} GiB | {f['activations'] / GIB:.2f} GiB | "
                    + " | ".join(str(f[f"min_gpus_{o}"]) for o in OPTIMIZERS) + " |")
     out.append("")
+    out.append("Fewest GPUs: under FULL_SHARD. With HSDP a node's GPUs must hold the model alone: a row \"HSDP "
+               "R×8\" that does not fit means `--system.replicas 1` (FULL_SHARD over all GPUs) for that model.")
+    out.append("")
     one = [r for r in rows if r["model"] == "llama2-7b" and r["world"] == 1]
     out.append("Llama-2 7B on one 80 GiB GPU: " + "; ".join(
         f"{LABEL[r['optimizer']]} needs {r['need'] / GIB:.2f} GiB, {'fits' if r['fits_80gib'] else 'does not fit'}"
@@ -262,6 +294,11 @@ def main() -> None:
                    f"shards): the per-rank bytes of weights, grads, AdamW and Adam-mini state (fp32 and bf16 m) "
                    f"equal these formulas exactly ({fsdp_check['per_rank_bytes']}). The bf16 transient and the "
                    f"activations are estimates, not measured.")
+    if hsdp_check:
+        out.append("")
+        out.append(f"Checked against real FSDP1 HYBRID_SHARD (CPU, gloo, `debug` model, {hsdp_check['world']} ranks "
+                   f"as 2 replicas × {hsdp_check['world'] // 2} shards): the per-rank bytes equal the formulas with "
+                   f"W = {hsdp_check['world'] // 2} exactly ({hsdp_check['per_rank_bytes']}).")
     text = "\n".join(out)
     print(text)
     if args.markdown:
@@ -271,7 +308,8 @@ def main() -> None:
         cmd = " ".join(["python -m benchmarks.memory_table", *sys.argv[1:]])
         path.write_text(f"# Memory table (`{cmd}`)\n\n{text}\n\n## Assumptions\n\n"
                         f"```\n{assumptions}\n```\n")
-    print(json.dumps({"benchmark": "memory_table", "fsdp_check": fsdp_check, "seq_len": args.seq_len,
+    print(json.dumps({"benchmark": "memory_table", "fsdp_check": fsdp_check, "hsdp_check": hsdp_check,
+                      "seq_len": args.seq_len,
                       "micro_batch": args.micro_batch, "reserve_bytes": reserve, "rows": rows, "min_gpus": fits}))
 
 

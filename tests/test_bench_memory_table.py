@@ -1,4 +1,6 @@
 """benchmarks/memory_table.py arithmetic against a hand computation (debug model, 3 GPUs: padded shards)."""
+import pytest
+
 import benchmarks.memory_table as mt
 import models
 
@@ -33,3 +35,14 @@ def test_adam_mini_drops_one_fp32_shard_for_7b_on_8_gpus():
     assert b["adamw"] - b["adam_mini"] == b["weights"] - b["adam_mini_v"]
     # v entries: root 32000 + 32000 + 1; Block 2 norms + (32 Q + 32 K + 4096 V rows) + 4096 + 2 x 11008 + 4096
     assert b["adam_mini_v"] == 4 * (64001 + 32 * (2 + 4160 + 4096 + 2 * 11008 + 4096))
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_hsdp_rows_against_real_fsdp1_hybrid_shard():
+    """HSDP (2 replicas x 2 shards, real FSDP1 HYBRID_SHARD on 4 CPU ranks): per-rank bytes of weights, grads and
+    every optimizer's state are those of FULL_SHARD on 2 ranks (check_fsdp raises on a mismatch), not on 4."""
+    got = mt.check_fsdp(4, replicas=2)
+    assert got["agrees"] and got["per_rank_bytes"]["weights"] == mt.per_gpu_bytes(
+        mt.fsdp_units(models.get_config("debug")), 2)["weights"] != mt.per_gpu_bytes(
+        mt.fsdp_units(models.get_config("debug")), 4)["weights"]
