@@ -131,7 +131,10 @@ def fsdp1_units(model: nn.Module) -> tuple[list[Unit], list[tuple[str, tuple[int
     rank's 1-D shard, padding included), ``names`` all original FQNs of the unit (wrapper components
     stripped, prefixed with the unit's module path), ``segments`` what this rank holds (never padding),
     ``group`` FSDP's process group (None when the unit is not sharded across more than one rank:
-    NO_SHARD or a world of one). Every trainable parameter of `model` must belong to a FlatParameter.
+    NO_SHARD or a world of one). Under HYBRID_SHARD that is the SHARD group (the ranks of one replica;
+    ``_inter_node_pg`` replicates): the replicas hold identical, already all-reduced gradients, so the block
+    sums belong in the shard group only (tests/test_optim_hsdp.py asserts the ranks, and that summing over
+    the world is wrong). Every trainable parameter of `model` must belong to a FlatParameter.
     """
     shapes_out: list[tuple[str, tuple[int, ...]]] = []
     units = []
