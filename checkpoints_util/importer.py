@@ -21,8 +21,11 @@ no tensor data read), an index may only name files of SRC itself, tensors are lo
 litgpt's `attn.qkv` by the inverse of the export's mapping (`hf_llama.from_hf_names`).
 
 Memory: tensors are read one at a time (safetensors' `safe_open`; `.bin` files memory-mapped) into the
-output, so the peak is about one copy of the weights in `--dtype` (auto: as stored) plus one layer's q/k/v
-while they are fused: for Llama-2 7B about 13.5 GB in bfloat16 (27 GB in float32), TinyLlama 1.1B 2.2 GB.
+output, so the peak is about one copy of the weights in `--dtype` (auto: as stored) plus the largest source
+tensor (the embedding) while it is cast, plus one layer's q/k/v while they are fused: Llama-2 7B about
+13.5 GB in float16/bfloat16 (27 GB in float32), TinyLlama 1.1B 2.2 GB (4.4 GB); the source files are
+memory-mapped on top (page cache, given back under memory pressure). `python -m benchmarks.import_memory`
+measures it.
 """
 from __future__ import annotations
 

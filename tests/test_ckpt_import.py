@@ -254,3 +254,30 @@ def test_not_a_folder_and_existing_out(source, tmp_path, capsys):
     one_line_error(capsys, ["import", str(tmp_path), "--out", str(tmp_path / "o")], "neither config.json")
     (tmp_path / "o").mkdir()
     one_line_error(capsys, ["import", str(root / "hf"), "--out", str(tmp_path / "o")], "already exists")
+
+
+# the config.json files as published (values of TinyLlama-1.1B-intermediate-step-1431k-3T and Llama-2-7b-hf)
+PUBLISHED = {
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, max_position_embeddings=2048,
+                           num_attention_heads=32, num_hidden_layers=22, num_key_value_heads=4, rms_norm_eps=1e-05,
+                           rope_theta=10000.0, torch_dtype="float32"),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, max_position_embeddings=4096, num_attention_heads=32,
+                      num_hidden_layers=32, num_key_value_heads=32, rms_norm_eps=1e-05, pretraining_tp=1,
+                      torch_dtype="float16"),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_configs_are_the_named_models(name):
+    """What README promises: the recipes' model.name agrees with the imported TinyLlama / Llama-2 7B."""
+    import dataclasses
+
+    import models
+    from checkpoints_util.hf_llama import litgpt_config
+
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "vocab_size": 32000,
+          "rope_scaling": None, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+          **PUBLISHED[name]}
+    config = litgpt_config(hf, "config.json")
+    assert config.name == name
+    assert dataclasses.asdict(config) == dataclasses.asdict(models.get_config(name))

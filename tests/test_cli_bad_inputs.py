@@ -116,6 +116,25 @@ def both(*setups: Callable[[Path, Fixtures], None]) -> Callable[[Path, Fixtures]
     return setup
 
 
+HF_DEBUG_CONFIG = ('{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, '
+                   '"intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4, '
+                   '"num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 128}')
+
+
+def hf_export(name: str, tensor: str, change: Callable) -> Callable[[Path, Fixtures], None]:
+    """A setup exporting the shared checkpoint to a Hugging Face folder `tmp/name`, one tensor changed."""
+    def setup(tmp: Path, fx: Fixtures) -> None:
+        from safetensors.torch import load_file, save_file
+
+        from checkpoints_util.export import export_hf
+
+        export_hf(fx.ckpt, tmp / name)
+        sd = load_file(tmp / name / "model.safetensors")
+        sd[tensor] = change(sd[tensor]).contiguous()
+        save_file(sd, tmp / name / "model.safetensors")
+    return setup
+
+
 def alias_bomb(levels: int = 9) -> str:
     """A "billion laughs" YAML mapping: `levels` lists of nine aliases to the list before, 9**levels values."""
     items = ["a: &a [" + ", ".join(["lol"] * 9) + "]"]
@@ -211,6 +230,23 @@ CASES = [
     Case("ckpt-convert-missing", ["checkpoints_util", "convert", "{tmp}/nothing", "--out", "{out}"], 2, "nothing"),
     Case("ckpt-inspect-missing-file", ["checkpoints_util", "inspect", "--verify", "{tmp}/run"], 2, "trainer.json",
          copy_ckpt("run", lambda run: next(run.glob("step-*/trainer.json")).unlink())),
+    Case("ckpt-import-missing", ["checkpoints_util", "import", "{tmp}/nothing", "--out", "{out}"], 2, "nothing"),
+    Case("ckpt-import-not-llama", ["checkpoints_util", "import", "{tmp}/hf", "--out", "{out}"], 2,
+         "only LlamaForCausalLM", write("hf/config.json", '{"architectures": ["MistralForCausalLM"], '
+                                                          '"model_type": "mistral"}')),
+    Case("ckpt-import-index-escapes", ["checkpoints_util", "import", "{tmp}/hf", "--out", "{out}"], 2,
+         "'../../etc/passwd' is not the name of a .safetensors file",
+         both(write("hf/config.json", HF_DEBUG_CONFIG),
+              write("hf/model.safetensors.index.json", '{"weight_map": {"lm_head.weight": "../../etc/passwd"}}'))),
+    Case("ckpt-import-shard-missing", ["checkpoints_util", "import", "{tmp}/hf", "--out", "{out}"], 2,
+         "lists model-00002-of-00002.safetensors", both(write("hf/config.json", HF_DEBUG_CONFIG), write(
+             "hf/model.safetensors.index.json", '{"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"'
+                                                '}}'))),
+    Case("ckpt-import-wrong-shape", ["checkpoints_util", "import", "{tmp}/hf", "--out", "{out}"], 2,
+         "has shape [176, 63]", hf_export("hf", "model.layers.0.mlp.up_proj.weight", lambda t: t[:, :-1])),
+    Case("pretrain-init-from-missing", [*PRETRAIN, "--init.from", "{tmp}/nothing"], 2, "init.from"),
+    Case("pretrain-init-from-disagrees", [*PRETRAIN, "--init.from", "{ckpt}", "--model.overrides",
+                                          "{intermediate_size: 20}"], 2, "intermediate_size (176 vs 20)"),
     # --- benchmarks that take input
     Case("bench-data-throughput-workers", ["benchmarks.data_throughput", "--workers", "0"], 2, "--workers"),
     Case("bench-data-throughput-loader-workers", ["benchmarks.data_throughput", "--loader-workers", "x"],
