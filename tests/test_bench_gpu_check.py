@@ -1,0 +1,84 @@
+"""benchmarks/gpu_check.py cannot rot: its CPU `--smoke` run (the same code as on a GPU, `debug` model) writes one
+JSON line with every part, Adam-mini within 1e-5 of the float64 reference on plain, FSDP1 and FSDP2 units (fp32 and
+bf16 m), the app's step timed for AdamW and both Adam-mini variants under fsdp and fsdp2, and the memory
+estimate of the recipe; a run that would overrun its part is skipped and named."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from helpers.data import REPO
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(line)
+    assert (tmp_path / "gpu_check.json").read_text().strip() == line
+    assert result["benchmark"] == "gpu_check" and result["smoke"] and set(result["parts"]) == {"optim", "app", "memory"}
+    assert all(not p["skipped"] for p in result["parts"].values()), result["parts"]
+
+    optim = result["parts"]["optim"]["runs"]
+    assert {(r["unit"], r["momentum_dtype"]) for r in optim} == {
+        (u, m) for u in ("plain", "fsdp1", "fsdp2") for m in ("float32", "bfloat16")}
+    for r in optim:
+        assert r["max_rel_err"] <= 1e-5 and r["steps"] == 10, r
+
+    app = {(r["strategy"], r["optimizer"]): r for r in result["parts"]["app"]["runs"]}
+    assert set(app) == {(s, o) for s in ("fsdp", "fsdp2") for o in ("adamw", "adam_mini", "adam_mini_bf16m")}
+    for (strategy, _), r in app.items():
+        assert r["tokens_per_s"] > 0 and r["optimizer_step_ms"] > 0 and math.isfinite(r["final_loss"]), r
+        state = {o: app[(strategy, o)]["optimizer_state_bytes"] for o in ("adamw", "adam_mini", "adam_mini_bf16m")}
+        assert state["adamw"] > state["adam_mini"] > state["adam_mini_bf16m"], state
+    assert set(result["ratios"]) == {f"{s}: {o} / adamw" for s in ("fsdp", "fsdp2")
+                                     for o in ("adam_mini", "adam_mini_bf16m")}
+
+    memory = {r["optimizer"]: r for r in result["parts"]["memory"]["runs"]}
+    assert set(memory) == {"adamw", "adam_mini", "adam_mini_bf16m"}
+    for r in memory.values():  # the recipe's model, strategy and settings; on CPU nothing is measured against it
+        assert r["strategy"] == "fsdp" and r["seq_len"] == 64 and r["micro_batches"] == 2, r
+        assert r["estimate_bytes"] == sum(r["estimate_parts"].values()) and r["max_memory_allocated"] is None
+    assert memory["adamw"]["estimate_bytes"] > memory["adam_mini"]["estimate_bytes"] \
+        > memory["adam_mini_bf16m"]["estimate_bytes"]
+
+
+def test_gpu_check_skips_what_would_overrun():
+    from benchmarks.gpu_check import Part
+
+    now = [0.0]
+    part = Part("app", deadline=10.0, first_guess=3.0, clock=lambda: now[0])
+
+    def takes(seconds):
+        def run(left):
+            now[0] += seconds
+            return {"left_at_start": left}
+        return run
+
+    part.run("first", takes(4.0))          # the guess (3 s) fits the 10 s; it took 4
+    part.run("second", takes(1.0))         # 6 s left >= 4: runs
+    part.run("third", takes(1.0))          # 5 s left >= 4: runs
+    part.run("fourth", takes(1.0))         # 4 s left >= 4: runs
+    part.run("fifth", takes(1.0))          # 3 s left < 4 (the slowest so far): skipped
+    report = part.report()
+    assert [r["run"] for r in report["runs"]] == ["first", "second", "third", "fourth"]
+    assert report["runs"][0]["left_at_start"] == 10.0
+    assert report["skipped"] == [{"run": "fifth", "why": "would overrun: estimated 4 s, 3 s left of the part"}]
+
+
+def test_gpu_check_without_cuda_is_one_line(capsys):
+    import torch
+
+    from benchmarks.gpu_check import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--smoke" in err and "needs a CUDA GPU" in err
