@@ -115,6 +115,8 @@ def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], meta: dict[
         with quiet_checkpoint_warnings():
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed())
     except (Exception, CheckpointException) as e:  # DCP reports a failed write on every rank
+        if isinstance(root_cause(e), KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # Ctrl-C, which DCP wraps: the caller removes the partial folder
         error = e
     _raise_any(error, tmp)
     files = {}

@@ -3,7 +3,9 @@
 Exit status (amp_common/exits.py): 0 done (or stopped by SIGUSR1 after saving: requeue), 143 stopped by
 SIGTERM after saving, 1 non-finite loss (nothing saved; the newest checkpoint is the last good state),
 2 a configuration, data or checkpoint error, 3 the disk (no space, not writable, a file the OS could not
-read), 130 interrupted. Every error is one line on stderr that names the option, file or folder.
+read), 4 another rank stopped answering (system.collective_timeout_s) or died, 130 interrupted (Ctrl-C), 128 + N
+ended by signal N without saving (a second signal, or the step did not end within system.stop_grace_s).
+Every error is one line on stderr that names the option, file or folder.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def run(cfg) -> int:
     import torch
 
     from amp_common.atomic import WriteError
+    from amp_common.dist import PeerLostError
     from checkpoints_util.layout import CheckpointError
     from data.errors import DataError
     from pretrain.config import ConfigError
@@ -43,6 +46,8 @@ def run(cfg) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere+ for the fp32 parts
     try:
         return fit(cfg).exit_code
+    except PeerLostError as e:
+        return _error(e, exits.PEER_LOST)
     except (ConfigError, CheckpointError) as e:
         return _error(e, exits.BAD_INPUT)
     except DataError as e:  # bad data: 2; its DataWriteError: 3

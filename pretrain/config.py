@@ -161,6 +161,14 @@ class SystemConfig:
     compile: Optional[bool] = None
     """torch.compile each transformer Block; null = true on GPU, false on CPU (where compiling takes
     longer than short runs gain)"""
+    collective_timeout_s: float = 1800.0
+    """seconds a rank waits in a collective (and the rendezvous) for the others before the run ends with exit 4
+    (a stopped or dead peer); torch's default is 1800. Raise it when one rank alone can be busy longer (e.g.
+    rank 0 writing a huge checkpoint's metadata)"""
+    stop_grace_s: float = 300.0
+    """seconds the current step (or start-up) has, after a stop signal, to end and start the save; past that,
+    (a rank waits for a peer that stopped answering) the process exits 128 + N without saving. Also the
+    time Ctrl-C has to finish. 0 = no limit. Raise it when start-up and the first step take longer"""
 
 
 @dataclass
@@ -394,6 +402,10 @@ def validate(cfg: PretrainConfig) -> None:
         need(value > 0, f"{key} must be > 0, got {value}")
     need(cfg.system.replicas is None or cfg.system.replicas > 0,
          f"system.replicas must be > 0 or null, got {cfg.system.replicas}")
+    need(math.isfinite(cfg.system.collective_timeout_s) and cfg.system.collective_timeout_s > 0,
+         f"system.collective_timeout_s must be a number of seconds > 0, got {cfg.system.collective_timeout_s}")
+    need(math.isfinite(cfg.system.stop_grace_s) and cfg.system.stop_grace_s >= 0,
+         f"system.stop_grace_s must be a number of seconds >= 0 (0: no limit), got {cfg.system.stop_grace_s}")
     need(e.micro_batch_size is None or e.micro_batch_size > 0,
          f"eval.micro_batch_size must be > 0 or null, got {e.micro_batch_size}")
     for key, value in (("eval.interval", e.interval), ("checkpoint.interval", cfg.checkpoint.interval),

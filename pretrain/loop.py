@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import models
+from amp_common.dist import PeerLostError, collective_failure
 from checkpoints_util import store
 from checkpoints_util.layout import remove_partial
 from pretrain import batches, init_from, metrics, resume, strategy
@@ -91,17 +92,26 @@ class Run:
 
 def fit(cfg: PretrainConfig) -> Result:
     """Train as `cfg` says. Stop signals are handled from the first line on (also during model set-up and
-    checkpoint loading, which can take minutes at scale), so a SLURM USR1 never kills a starting job."""
-    with StopRequest() as stop:
-        run = setup(cfg)
+    checkpoint loading, which can take minutes at scale), so a SLURM USR1 does not kill a starting job (unless
+    start-up and the first step outlast system.stop_grace_s, see pretrain/signals.py). A collective whose peer
+    stopped answering (system.collective_timeout_s) or died raises `PeerLostError` (exit 4)."""
+    with StopRequest(cfg.system.stop_grace_s) as stop:
         try:
-            result = train(run, stop)
-        except NonFiniteLossError:  # every rank raises it at the same step (the loss is all-reduced)
-            strategy.end_process_group(run.fabric)
-            raise
-        finally:
-            run.log.close()
-            run.lock.release()
+            run = setup(cfg)
+            try:
+                result = train(run, stop)
+            except (NonFiniteLossError, KeyboardInterrupt):  # every rank: the loss is all-reduced; Ctrl-C reaches all
+                strategy.end_process_group(run.fabric)
+                raise
+            finally:
+                run.log.close()
+                run.lock.release()
+        except RuntimeError as e:
+            line = collective_failure(e)
+            if line is None:
+                raise
+            strategy.abandon_process_group()
+            raise PeerLostError(line) from None
     strategy.end_process_group(run.fabric)
     return result
 
@@ -259,6 +269,8 @@ def train(run: Run, stop: StopRequest) -> Result:
         lr, out = _one_step(run, thr)
         window.append(out.loss)
         stop_signal = _agreed_stop(fabric, stop)
+        if stop.requested:
+            stop.acknowledge()  # the step ended (the ranks answered): the save may take its time now
         last = state.step == run.steps.total
         if state.step % cfg.logging.interval == 0 or last or stop_signal or state.step == first:
             run.log.log(_train_record(run, lr, out.grad_norm, window, thr))
@@ -269,6 +281,8 @@ def train(run: Run, stop: StopRequest) -> Result:
                          "val_sequences": run.val_sequences})
         if (stop_signal or last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0)) \
                 and saved_at != state.step:
+            if stop.requested:
+                stop.acknowledge()  # a signal after this step's agreement: the main thread is saving, not stuck
             save(run, "signal" if stop_signal else ("end" if last else "interval"))
             saved_at = state.step
         if stop_signal:
@@ -342,8 +356,13 @@ def save(run: Run, reason: str) -> Path:
                         "reason": reason, "init_from": run.init_from},
             "config": cfg.to_dict(), "model_config": dataclasses.asdict(run.model_config)}
     t0 = time.perf_counter()
-    path = store.save_checkpoint(Path(cfg.out_dir), state.step,
-                                 _checkpoint_state(run.model, run.optimizer, run.train_data, state), meta)
+    try:
+        path = store.save_checkpoint(Path(cfg.out_dir), state.step,
+                                     _checkpoint_state(run.model, run.optimizer, run.train_data, state), meta)
+    except KeyboardInterrupt:
+        if fabric.global_rank == 0:
+            remove_partial(Path(cfg.out_dir))  # this save's .tmp-step-* folder (we hold the run's lock)
+        raise
     if fabric.global_rank == 0:
         store.prune(Path(cfg.out_dir), cfg.checkpoint.keep_last, {path, *([run.resumed_from] if run.resumed_from
                                                                          else [])})

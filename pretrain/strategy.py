@@ -18,6 +18,7 @@ Initial weights are the same for every strategy and world size (`models.init`: o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 
 import lightning as L
@@ -100,7 +101,8 @@ def build_fabric(cfg: PretrainConfig, p: Plan, model_config: Config) -> L.Fabric
     elif p.strategy == "ddp":
         from lightning.fabric.strategies import DDPStrategy
 
-        strategy = DDPStrategy(process_group_backend="nccl" if p.accelerator == "cuda" else "gloo")
+        strategy = DDPStrategy(process_group_backend="nccl" if p.accelerator == "cuda" else "gloo",
+                               timeout=collective_timeout(cfg))
     else:
         strategy = "auto"
     return L.Fabric(accelerator=p.accelerator, strategy=strategy, devices=cfg.system.devices,
@@ -123,6 +125,7 @@ def _fsdp1_strategy(cfg: PretrainConfig, p: Plan, model_config: Config):
         use_orig_params=False,  # Adam-mini works on FSDP1 FlatParameters (optim/flat.py)
         limit_all_gathers=True,
         param_init_fn=partial(materialize, model_config=model_config, seed=cfg.seed, recurse=False),
+        timeout=collective_timeout(cfg),
     )
 
 
@@ -132,7 +135,13 @@ def _fsdp2_strategy(cfg: PretrainConfig, p: Plan, model_config: Config):
     return ModelParallelStrategy(
         parallelize_fn=partial(_fsdp2_parallelize, p=p, model_config=model_config, seed=cfg.seed),
         data_parallel_size=p.world_size, tensor_parallel_size=1,
-        process_group_backend="nccl" if p.accelerator == "cuda" else "gloo")
+        process_group_backend="nccl" if p.accelerator == "cuda" else "gloo", timeout=collective_timeout(cfg))
+
+
+def collective_timeout(cfg: PretrainConfig) -> timedelta:
+    """How long a rank waits in a collective or the rendezvous (system.collective_timeout_s; gloo and NCCL honour
+    it): a stopped or dead peer ends the run with exit 4 instead of a 30-minute hang."""
+    return timedelta(seconds=cfg.system.collective_timeout_s)
 
 
 def _device() -> torch.device:
@@ -239,3 +248,13 @@ def end_process_group(fabric: L.Fabric) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         fabric.barrier()  # no rank closes its connections while another still reads from them
         torch.distributed.destroy_process_group()
+
+
+def abandon_process_group() -> None:
+    """Tear the process group down without waiting for the other ranks (one of them stopped answering or died):
+    left to the interpreter's exit, gloo could abort the process (see `end_process_group`)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort: the run ends with exit 4 either way
+            pass

@@ -3,19 +3,26 @@
 - a refused resume (a model, optimizer or data position that does not fit) changes nothing on disk, and the
   next `--resume auto` continues from the newest checkpoint;
 - requeues of a branch keep continuing it after keep-last deleted the checkpoint it started from;
-- train.max_tokens counts tokens seen: a resume with another global batch trains to the budget, never past it.
+- train.max_tokens counts tokens seen: a resume with another global batch trains to the budget, never past it;
+- Ctrl-C while a checkpoint is written exits 130 and leaves no partial folder (one process, and fsdp x 2);
+- a stop signal takes effect within a bounded time while a rank waits in a collective on a stopped peer
+  (SIGSTOP), and a stopped peer ends in one line, exit 4, after system.collective_timeout_s instead of a hang.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from checkpoints_util.layout import BRANCH_FILE, list_checkpoints
-from helpers.runs import cli_args, logged_losses, tiny_config, train_log
+from helpers.faults import PG_LEFT
+from helpers.runs import cli_args, logged_losses, popen_pretrain, read_until, run_pretrain, tiny_config, train_log
 from pretrain.__main__ import main
 from pretrain.loop import fit
 from pretrain.schedule import lr_at
@@ -104,3 +111,100 @@ def test_max_tokens_counts_tokens_seen_when_the_global_batch_changes(batch, micr
     assert f"{left} more steps" in capsys.readouterr().out
     assert main(cli_args(cfg)) == 0  # once more: nothing to do
     assert "nothing to do: the run is already at step" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_a_save_exits_130_and_leaves_no_partial_folder(data_dir, tmp_path, faults, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(data_dir, out, train__max_steps=6, checkpoint__interval=3)
+    faults(interrupt_in_save=6)  # SIGINT arrives while DCP writes step 6 (DCP wraps the KeyboardInterrupt)
+    assert main(cli_args(cfg)) == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".tmp", ".old", "step-"))) == ["step-00000003"]
+
+
+@pytest.mark.extended
+def test_ctrl_c_during_a_save_under_fsdp_exits_130_and_tears_the_process_group_down(data_dir, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(data_dir, out, train__max_steps=3, system__devices=2, system__strategy="fsdp",
+                      train__global_batch_tokens=256, eval__batches=2)
+    code, text = run_pretrain(cli_args(cfg), faults="interrupt_in_save=3", timeout=300)
+    assert code == 130, text
+    assert "error: interrupted" in text and PG_LEFT not in text and "Traceback" not in text, text
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp", ".old", "step-"))]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _fsdp2_with_rank1_stopped(data_dir, out, **system):
+    """An fsdp x 2 run whose rank 1 (the launcher's child) is SIGSTOPped during training; rank 0 then waits in a
+    collective. Returns (the process of rank 0, its output so far)."""
+    cfg = tiny_config(data_dir, out, train__max_steps=10_000, system__devices=2, system__strategy="fsdp",
+                      train__global_batch_tokens=256, eval__interval=0, checkpoint__interval=0,
+                      **{f"system__{k}": v for k, v in system.items()})
+    proc = popen_pretrain(cli_args(cfg))
+    lines: list[str] = []
+    assert read_until(proc, "step      2/", lines, timeout_s=240), "".join(lines)
+    (rank1,) = _children(proc.pid)
+    os.kill(rank1, signal.SIGSTOP)
+    return proc, lines
+
+
+def _end(proc, lines: list[str]) -> str:
+    """Kill what is left of the run (rank 1, still stopped, holds the output pipe open); all of its output."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    rest, _ = proc.communicate(timeout=60)
+    return "".join(lines) + rest
+
+
+@pytest.mark.parametrize("grace_s", [3.0])
+def test_sigterm_while_a_peer_is_stopped_exits_143_within_the_grace(data_dir, tmp_path, grace_s):
+    proc, lines = _fsdp2_with_rank1_stopped(data_dir, tmp_path / "run", stop_grace_s=grace_s)
+    try:
+        time.sleep(1.0)  # rank 0 is in a collective now, waiting for rank 1
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        text = _end(proc, lines)
+    assert proc.returncode == 143, text
+    assert grace_s - 0.5 <= took < grace_s + 20, (took, text)
+    assert "did not end within system.stop_grace_s=3 s" in text and "Traceback" not in text, text
+
+
+@pytest.mark.extended
+def test_a_second_sigterm_while_a_peer_is_stopped_exits_at_once(data_dir, tmp_path):
+    proc, lines = _fsdp2_with_rank1_stopped(data_dir, tmp_path / "run", stop_grace_s=0)  # no deadline
+    try:
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert read_until(proc, "received SIGTERM: will save", lines, timeout_s=30), "".join(lines)
+        time.sleep(2.0)
+        assert proc.poll() is None  # no deadline: still waiting for rank 1
+        os.kill(proc.pid, signal.SIGUSR1)  # the other kind: the escape hatch
+        proc.wait(timeout=30)
+    finally:
+        text = _end(proc, lines)
+    assert proc.returncode == 138, text  # 128 + SIGUSR1
+    assert "received SIGUSR1 again after SIGTERM: exiting now without saving" in text, text
+
+
+@pytest.mark.extended
+def test_a_stopped_peer_ends_the_run_after_the_collective_timeout(data_dir, tmp_path):
+    proc, lines = _fsdp2_with_rank1_stopped(data_dir, tmp_path / "run", collective_timeout_s=20)
+    try:
+        t0 = time.monotonic()
+        proc.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        text = _end(proc, lines)
+    assert proc.returncode == 4, text
+    assert took < 60, took
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "another rank stopped answering or died" in errors[0], text
+    assert "Traceback" not in text, text

@@ -13,16 +13,18 @@ from __future__ import annotations
 import math
 import os
 import signal
+from pathlib import Path
 
 PG_LEFT = "process group left initialised at exit"  # printed by fault_run.py
 
 
 def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SIGUSR1,
-            no_block_allreduce: int = 0, hang_in_save: int = 0) -> None:
+            no_block_allreduce: int = 0, hang_in_save: int = 0, interrupt_in_save: int = 0) -> None:
     """`setattr_` is monkeypatch.setattr (or plain setattr): how the wrappers are put in place.
 
     `hang_in_save=S`: rank 0 prints "publishing step S" and sleeps before it renames the finished checkpoint of
-    step S into place (a kill -9 then hits a save in progress)."""
+    step S into place (a kill -9 then hits a save in progress).
+    `interrupt_in_save=S`: every rank sends itself SIGINT (Ctrl-C) while DCP writes its files of step S."""
     from pretrain import loop, step
 
     if hang_in_save:
@@ -39,6 +41,18 @@ def install(setattr_, stop_at: int = 0, nan_at: int = 0, signum: int = signal.SI
             return real_publish(tmp, final)
 
         setattr_(store, "_publish", publish)
+
+    if interrupt_in_save:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        real_write = FileSystemWriter.write_data
+
+        def write_data(self, plan, planner):
+            if Path(str(self.path)).name == f".tmp-step-{interrupt_in_save:08d}":
+                os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt at the next bytecode
+            return real_write(self, plan, planner)
+
+        setattr_(FileSystemWriter, "write_data", write_data)
 
     if no_block_allreduce:
         import types
