@@ -53,7 +53,7 @@ from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import DataError, DataWriteError
 from data.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from data.parts import JOURNAL_NAME, journal_names, part_arg, part_sources
-from data.readers import DEFAULT_TEXT_FIELD, expand_sources, source_format, text_batches
+from data.readers import DEFAULT_TEXT_FIELD, check_splits, expand_sources, source_format, text_batches
 from data.shards import atomic_write_json, dtype_for_vocab, make_folder, read_header, remove_file, write_shard
 from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN, SAMPLE_VAL, Tokenizer, load_tokenizer
 
@@ -390,11 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not a.train and not a.val:
         a.train, a.val = [str(SAMPLE_TRAIN)], [str(SAMPLE_VAL)]
     try:
-        for split, pats in (("train", a.train), ("val", a.val)):
-            if not pats:
-                continue
+        sources = {split: expand_sources(pats) for split, pats in (("train", a.train), ("val", a.val)) if pats}
+        check_splits(sources)  # empty files, one file in both splits: refused before anything is written
+        for split, found in sources.items():
             t0 = time.perf_counter()
-            m = prepare_split(split, expand_sources(pats), a.tokenizer, a.out, a.workers, a.skip_set,
+            m = prepare_split(split, found, a.tokenizer, a.out, a.workers, a.skip_set,
                               a.shard_tokens, a.overwrite, not a.no_progress, a.text_field, a.part, a.bos, a.eos)
             dt = time.perf_counter() - t0
             reused = sum(1 for s in m["sources"] if s.get("reused"))

@@ -75,6 +75,27 @@ def expand_sources(patterns: Iterable[str]) -> list[Path]:
     return out
 
 
+def check_splits(splits: dict[str, Sequence[Path]]) -> None:
+    """One DataError for a source of 0 bytes (a .json.gz, .jsonl.zst or .parquet file holds at least its
+    header: an empty one is a failed download or copy, not an empty corpus) and for a file given twice,
+    in two splits (validation on training data) or in one, also through another path (a hard link)."""
+    seen: dict[tuple[int, int], tuple[str, Path]] = {}
+    for split, paths in splits.items():
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError as e:
+                raise DataError(path, f"cannot read ({e.strerror})") from None
+            if st.st_size == 0:
+                raise DataError(path, "empty file (0 bytes), not a source of no documents: a failed download "
+                                      "or copy? remove it or replace it")
+            first = seen.setdefault((st.st_dev, st.st_ino), (split, path))
+            if first != (split, path):
+                where = "both a --train and a --val source" if split != first[0] else f"given twice in --{split}"
+                raise DataError(path, f"the same file as {first[1]} ({where}): each source may be read once, "
+                                      "and validation data must not be training data")
+
+
 def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
     rest = b""
     for chunk in chunks:

@@ -56,6 +56,7 @@ class Tokenizer:
             raise DataError(self.path, f"tokenizer has no BOS/EOS (bos_id={self.bos_id}, "
                                        f"eos_id={self.eos_id}); a Llama-layout model is required")
         self.sha256 = file_sha256(self.path)
+        self.cuts_at_spaces = cuts_at_spaces_are_exact(self.sp)
 
     def encode_document(self, text: str) -> list[int]:
         """BOS + tokens + EOS."""
@@ -68,8 +69,27 @@ class Tokenizer:
         int32 buffer per text, so no Python int is ever made for a token."""
         if not texts:
             return np.zeros(0, np.int32)
+        if self.cuts_at_spaces and any(len(t) > CHUNK_CHARS for t in texts):
+            return self._encode_in_pieces(texts, num_threads)
         ids = self.sp.encode(list(texts), add_bos=True, add_eos=True, num_threads=num_threads, out_type="numpy")
         return np.concatenate(ids)
+
+    def _encode_in_pieces(self, texts: Sequence[str], num_threads: int) -> np.ndarray:
+        """`encode_stream` with every text longer than CHUNK_CHARS encoded in pieces (`split_at_spaces`): the
+        same ids (the model cuts at spaces itself, see `cuts_at_spaces_are_exact`), and SentencePiece's working
+        memory (~45 bytes per input byte) bounded by a piece instead of the whole document."""
+        pieces, counts = [], []
+        for text in texts:
+            parts = split_at_spaces(text, CHUNK_CHARS)
+            pieces += parts
+            counts.append(len(parts))
+        ids = iter(self.sp.encode(pieces, num_threads=num_threads, out_type="numpy"))
+        del pieces
+        bos, eos = np.array([self.bos_id], np.int32), np.array([self.eos_id], np.int32)
+        out = []
+        for n in counts:
+            out += [bos, *(next(ids) for _ in range(n)), eos]
+        return np.concatenate(out)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -81,6 +101,60 @@ class Tokenizer:
     def describe(self) -> dict:
         return {"path": str(self.path), "sha256": self.sha256, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+# A document longer than this is encoded in pieces cut at spaces (where the model provably cuts too; see
+# data/README.md): SentencePiece needs about 45 bytes of memory per input byte, 2.3 GB for one 50 MB document.
+CHUNK_CHARS = 1 << 20
+_SPACE = " "
+
+
+def cuts_at_spaces_are_exact(sp) -> bool:
+    """Whether encoding a text cut at a space (`split_at_spaces`) gives the ids of the whole text: the model
+    splits words at spaces before it segments them (no piece spans a space), writes a space as "▁" and adds a
+    "▁" before each text (the dummy prefix, which stands for the space the cut removed), and normalises
+    nothing (identity: no rule can join characters across the cut). Mistral-v0.1 and the demo tokenizer are
+    such models; with others documents are encoded whole."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+
+        m = sentencepiece_model_pb2.ModelProto()
+        m.ParseFromString(sp.serialized_model_proto())
+    except Exception:  # noqa: BLE001 -- no protobuf, or a model it cannot read: do not cut
+        return False
+    t, n = m.trainer_spec, m.normalizer_spec
+    if not (t.split_by_whitespace and not t.treat_whitespace_as_suffix and n.add_dummy_prefix
+            and n.escape_whitespaces and not n.remove_extra_whitespaces and n.name == "identity"
+            and not n.precompiled_charsmap):
+        return False
+    # a user-defined piece is matched before the split at spaces: none may hold a space after another character
+    return not any("\u2581" in p.piece.lstrip("\u2581") for p in m.pieces)
+
+
+def _cut_ok(text: str, i: int) -> bool:
+    """A single space between two non-space characters (a run of spaces may be one whitespace piece)."""
+    return text[i] == _SPACE and 0 < i < len(text) - 1 and text[i - 1] != _SPACE and text[i + 1] != _SPACE
+
+
+def split_at_spaces(text: str, max_chars: int) -> list[str]:
+    """`text` in pieces of at most `max_chars` characters where possible, each cut at a single space between
+    two non-space characters, the space itself left out (the tokenizer's dummy prefix stands for it). A piece
+    is longer only where no such space lies within `max_chars` characters: it then ends at the next one."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = text.rfind(_SPACE, start + 1, start + max_chars + 1)
+        while cut > start and not _cut_ok(text, cut):
+            cut = text.rfind(_SPACE, start + 1, cut)
+        if cut <= start:  # no space to cut at within max_chars: the next one after
+            cut = text.find(_SPACE, start + max_chars + 1)
+            while cut != -1 and not _cut_ok(text, cut):
+                cut = text.find(_SPACE, cut + 1)
+            if cut == -1:
+                break
+        pieces.append(text[start:cut])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
 
 
 def is_hf_tokenizer(path: str | os.PathLike) -> bool:

@@ -16,9 +16,9 @@ The table is the place new cases go: append a `Case(id, argv, expect_rc, expect_
 | `{sample}` | `data/sample` of the repo (tokenizer.model, the sample sources) |
 
 `setup(tmp, fx)` builds crafted files under `tmp` before the run (`fx.data` / `fx.ckpt` are the shared
-fixtures). `max_memory_mb` caps the run's address space (RLIMIT_AS), so that an input that would fill the
-memory fails the case instead of the machine. Keep rows fast: argument and config errors fail before any
-training.
+fixtures). `writes_nothing` says that not even `{out}` may be created. `max_memory_mb` caps the run's address
+space (RLIMIT_AS), so that an input that would fill the memory fails the case instead of the machine. Keep
+rows fast: argument and config errors fail before any training.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class Case:
     expect_in_message: str
     setup: Optional[Callable[[Path, "Fixtures"], None]] = None
     max_memory_mb: Optional[int] = None
+    writes_nothing: bool = False  # {out} must not exist afterwards either
 
 
 class Fixtures:
@@ -212,6 +213,22 @@ CASES = [
          both(gz("a.json.gz", [b'{"text": "fine"}']),
               lambda tmp, fx: train_bpe_json(tmp / "tok.json", ["a b c"] * 5, vocab_size=270, template=False))),
     Case("prepare-part-out-of-range", [*PREPARE, "--part", "4/3"], 2, "--part"),
+    Case("prepare-empty-gz", [*PREPARE, "--train", "{tmp}/a.json.gz"], 2, "a.json.gz: empty file (0 bytes)",
+         write("a.json.gz", b""), writes_nothing=True),
+    Case("prepare-empty-zst", [*PREPARE, "--train", "{tmp}/ok.json.gz", "--val", "{tmp}/v.jsonl.zst"], 2,
+         "v.jsonl.zst: empty file (0 bytes)", both(gz("ok.json.gz", [b'{"text": "fine"}']), write("v.jsonl.zst", b"")),
+         writes_nothing=True),
+    Case("prepare-train-is-val", [*PREPARE, "--train", "{tmp}/a.json.gz", "--val", "{tmp}/a.json.gz"], 2,
+         "both a --train and a --val source", gz("a.json.gz", [b'{"text": "fine"}']), writes_nothing=True),
+    Case("prepare-train-is-val-through-glob-and-link",
+         [*PREPARE, "--train", "{tmp}/src/*.json.gz", "--val", "{tmp}/link.json.gz"], 2,
+         "both a --train and a --val source",
+         both(gz("src/a.json.gz", [b'{"text": "fine"}']), gz("src/b.json.gz", [b'{"text": "also fine"}']),
+              lambda tmp, fx: (tmp / "link.json.gz").symlink_to(tmp / "src" / "b.json.gz")), writes_nothing=True),
+    Case("prepare-same-file-twice-hard-link", [*PREPARE, "--train", "{tmp}/a.json.gz", "{tmp}/b.json.gz"], 2,
+         "given twice in --train",
+         both(gz("a.json.gz", [b'{"text": "fine"}']), lambda tmp, fx: os.link(tmp / "a.json.gz", tmp / "b.json.gz")),
+         writes_nothing=True),
     # --- data.tokenizer
     Case("tokenizer-vocab-too-small", ["data.tokenizer", "--out", "{out}/t.model", "--vocab-size", "10"],
          2, "--vocab-size"),
@@ -335,3 +352,5 @@ def test_bad_input(case: Case, tmp_path: Path, fx: Fixtures):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), f"not one 'error:' line on stderr\n{shown}"
     assert case.expect_in_message in lines[0], f"{case.expect_in_message!r} not in the message\n{shown}"
+    if case.writes_nothing:
+        assert not (tmp_path / "out").exists(), f"{case.id}: wrote into {{out}} before refusing"
