@@ -15,6 +15,7 @@ import torch
 
 from amp_common.checksum import file_sha256
 from checkpoints_util.__main__ import main as ckpt
+from helpers.checkpoints import checkpoint_tensors
 from helpers.runs import cli_args, logged_losses, run_pretrain, tiny_config
 from pretrain.loop import fit
 
@@ -67,13 +68,22 @@ def assert_records_source(out_dir, imported) -> None:
     assert trainer["init_from"]["sha256"] == file_sha256(imported / "trainer.json")
 
 
-@pytest.mark.parametrize("src", ["hf", "lit"])
+SOURCES = {"hf": "imported-hf", "lit": "imported-lit", "step": "trained/step-00000002", "run": "trained"}
+
+
+@pytest.mark.parametrize("src", list(SOURCES))
 def test_first_step_loss_equals_transformers_one_device(src, data_dir, weights, tmp_path, capsys):
+    """From an import of the HF or litgpt export, or from the trained checkpoint itself (a step folder, or its run
+    folder: the newest step): the weights only; the first step sees the run's first batch (data position 0)."""
     out = tmp_path / "run"
-    cfg = run_config(data_dir, out, weights / f"imported-{src}")
+    cfg = run_config(data_dir, out, weights / SOURCES[src])
     result = fit(cfg)
+    assert list(result.losses) == [1]
     assert_first_loss(result.losses[1], reference_loss(data_dir, cfg, weights / "hf"))
-    assert_records_source(out, weights / f"imported-{src}")
+    assert_records_source(out, weights / "trained" / "step-00000002" if src == "run" else weights / SOURCES[src])
+    saved = checkpoint_tensors(out / "step-00000001")
+    steps = {k: v.item() for k, v in saved.items() if k.startswith("optimizer.step.")}
+    assert steps and set(steps.values()) == {1.0}  # a fresh optimizer (the trained checkpoint's had taken 2 steps)
     assert "initial weights from" in capsys.readouterr().out
 
 
