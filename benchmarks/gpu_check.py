@@ -28,7 +28,7 @@ On a GPU machine without network (torch >= 2.11 with CUDA installed, Python 3.12
 network, `bash scripts/gpu_wheels.sh` puts the app's other dependencies as wheels into `.whl/`; carry the
 repository with `.whl/` over, then, from its root, one call:
 
-    pip install --no-index --no-deps --target /tmp/amp-deps .whl/*.whl && \\
+    python -m pip install --no-index --no-deps --target /tmp/amp-deps .whl/*.whl && \\
         PYTHONPATH=/tmp/amp-deps:. python -m benchmarks.gpu_check --out-dir "$OUT"
 """
 from __future__ import annotations

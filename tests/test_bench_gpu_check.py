@@ -82,3 +82,27 @@ def test_gpu_check_without_cuda_is_one_line(capsys):
     assert main([]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--smoke" in err and "needs a CUDA GPU" in err
+
+
+def test_gpu_wheels_script_lists_the_app_dependencies_but_not_torch():
+    """scripts/gpu_wheels.sh --dry-run: the pinned list it would download (the .venv's versions), without torch
+    or what torch requires; the script passes shellcheck."""
+    import shutil
+    from importlib import metadata
+    from pathlib import Path
+
+    if not (REPO / ".venv" / "bin" / "python").is_file():
+        pytest.skip("no .venv (scripts/setup.sh)")
+    proc = subprocess.run(["bash", "scripts/gpu_wheels.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pins = dict(line.split("==") for line in proc.stdout.splitlines() if "==" in line and not line.startswith("#"))
+    for name in ("lightning", "litgpt", "sentencepiece", "zstandard", "pyarrow", "tokenizers", "tensorboard",
+                 "jsonargparse", "numpy", "pyyaml", "safetensors"):
+        assert pins.get(name) == metadata.version(name), name
+    assert not {"torch", "triton", "sympy", "jinja2", "filelock", "networkx", "fsspec"} & set(pins)
+    assert "--abi cp312" in proc.stdout and "manylinux" in proc.stdout
+    checker = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if Path(checker).is_file():
+        check = subprocess.run([checker, "scripts/gpu_wheels.sh"], cwd=REPO, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
