@@ -372,6 +372,8 @@ def task_load(task: dict, rank: int, world: int) -> dict | None:
     model, opt = build(kind, world, 0.5, saved["options"], init=saved["params"])
     load_optimizer(opt, os.path.join(path, "optimizer"))
     assert opt.param_groups[0]["weight_decay"] == saved["wd"], "hparams not restored"
+    if kind.startswith("hsdp"):  # every replica loaded its own copy of the pieces it holds
+        assert_replicas_agree(opt, rank, world)
     dtypes = {opt.state[u.param]["exp_avg"].dtype for u in opt.units}
     assert dtypes == {opt.momentum_dtype}, f"first moment loaded as {dtypes}"
     run_steps(kind, model, opt, rank, world, 5, 5, saved["synthetic"])
@@ -380,6 +382,16 @@ def task_load(task: dict, rank: int, world: int) -> dict | None:
         return None
     ref, _ = reference_run(saved["wd"], saved["options"], [(5, saved["world"]), (5, world)], saved["synthetic"])
     return dict(err=rel_err(got, ref, saved["params"]), saved_world=saved["world"], options=saved["options"])
+
+
+def assert_replicas_agree(opt, rank: int, world: int) -> None:
+    """Under HSDP the replicas' optimizer states are bitwise equal (each rank against its shard-rank peer)."""
+    digest = [zlib.crc32(local_1d(opt.state[u.param][k]).detach().contiguous().view(torch.uint8).numpy().tobytes())
+              for u in opt.units for k in ("exp_avg", "exp_avg_sq")]
+    everyone = [None] * world
+    dist.all_gather_object(everyone, digest)
+    shard, size = shard_of("hsdp", rank, world)
+    assert everyone[rank] == everyone[shard], f"rank {rank}: optimizer state differs from its replica peer {shard}"
 
 
 def run_tasks(tasks, rank: int, world: int) -> dict:
