@@ -33,6 +33,8 @@ def weights(data_dir, tmp_path_factory):
     assert ckpt(["export", str(step), "--format", "litgpt", "--out", str(root / "lit"), "--quiet"]) == 0
     for src in ("hf", "lit"):
         assert ckpt(["import", str(root / src), "--out", str(root / f"imported-{src}"), "--quiet"]) == 0
+    assert ckpt(["import", str(root / "hf"), "--out", str(root / "imported-bf16"), "--dtype", "bfloat16",
+                 "--quiet"]) == 0
     return root
 
 
@@ -41,8 +43,9 @@ def run_config(data_dir, out_dir, source, **extra):
     return tiny_config(data_dir, out_dir, **{**values, **extra})
 
 
-def reference_loss(data_dir, cfg, hf_dir) -> float:
-    """transformers' loss of the exported model on the run's first global batch (the same on every world size)."""
+def reference_loss(data_dir, cfg, hf_dir, bf16: bool = False) -> float:
+    """transformers' loss of the exported model (`bf16`: its weights rounded to bfloat16) on the run's first global
+    batch (the same on every world size)."""
     from transformers import LlamaForCausalLM
 
     from pretrain.batches import BatchStream
@@ -53,6 +56,8 @@ def reference_loss(data_dir, cfg, hf_dir) -> float:
     hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
     assert hf.dtype == torch.float32
     with torch.no_grad():
+        for p in hf.parameters() if bf16 else []:
+            p.copy_(p.to(torch.bfloat16).float())
         logits = hf(batch[:, :-1]).logits
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
 
@@ -68,18 +73,20 @@ def assert_records_source(out_dir, imported) -> None:
     assert trainer["init_from"]["sha256"] == file_sha256(imported / "trainer.json")
 
 
-SOURCES = {"hf": "imported-hf", "lit": "imported-lit", "step": "trained/step-00000002", "run": "trained"}
+SOURCES = {"hf": "imported-hf", "lit": "imported-lit", "step": "trained/step-00000002", "run": "trained",
+           "bf16": "imported-bf16"}
 
 
 @pytest.mark.parametrize("src", list(SOURCES))
 def test_first_step_loss_equals_transformers_one_device(src, data_dir, weights, tmp_path, capsys):
-    """From an import of the HF or litgpt export, or from the trained checkpoint itself (a step folder, or its run
-    folder: the newest step): the weights only; the first step sees the run's first batch (data position 0)."""
+    """From an import of the HF or litgpt export (also one stored in bf16: loaded into the run's fp32 weights), or
+    from the trained checkpoint itself (a step folder, or its run folder: the newest step): the weights only; the
+    first step sees the run's first batch (data position 0)."""
     out = tmp_path / "run"
     cfg = run_config(data_dir, out, weights / SOURCES[src])
     result = fit(cfg)
     assert list(result.losses) == [1]
-    assert_first_loss(result.losses[1], reference_loss(data_dir, cfg, weights / "hf"))
+    assert_first_loss(result.losses[1], reference_loss(data_dir, cfg, weights / "hf", bf16=src == "bf16"))
     assert_records_source(out, weights / "trained" / "step-00000002" if src == "run" else weights / SOURCES[src])
     saved = checkpoint_tensors(out / "step-00000001")
     steps = {k: v.item() for k, v in saved.items() if k.startswith("optimizer.step.")}
