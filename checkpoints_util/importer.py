@@ -99,9 +99,11 @@ def open_source(src: str | Path) -> Source:
     if not src.is_dir():
         raise CheckpointError(f"{src}: is a file; expected a Hugging Face model folder (config.json + weights) or a "
                               f"litgpt checkpoint folder (lit_model.pth + model_config.yaml)")
-    if (src / "config.json").is_file():
+    hf_weights = any((src / name).is_file() for pair in _INDEXES for name in pair[:2])
+    lit = (src / "lit_model.pth").is_file()
+    if (src / "config.json").is_file() and (hf_weights or not lit):
         return _hf_source(src)
-    if (src / "lit_model.pth").is_file():
+    if lit:  # litgpt's own folders often keep the Hugging Face config.json beside lit_model.pth
         return _litgpt_source(src)
     raise CheckpointError(f"{src}: holds neither config.json (a Hugging Face model) nor lit_model.pth (litgpt)")
 

@@ -79,6 +79,18 @@ def test_litgpt_training_checkpoint_wrapper(source, tmp_path):
     assert_equal(imported(lit, tmp_path / "imp"), model_tensors(ck))
 
 
+def test_litgpt_folder_with_a_hugging_face_config(source, tmp_path):
+    """litgpt's checkpoint folders keep the model's config.json beside lit_model.pth (no HF weights)."""
+    from checkpoints_util.reader import open_checkpoint
+
+    root, ck = source
+    lit = tmp_path / "lit"
+    shutil.copytree(root / "lit", lit)
+    shutil.copyfile(root / "hf" / "config.json", lit / "config.json")
+    assert_equal(imported(lit, tmp_path / "imp"), model_tensors(ck))
+    assert open_checkpoint(tmp_path / "imp").trainer["source"]["format"] == "litgpt"
+
+
 # ------------------------------------------------------------------------- weights written by transformers
 def hf_model(seed: int = 0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -107,7 +107,8 @@ def test_checkpoints_in_out_dir_win_over_init_from(data_dir, weights, tmp_path, 
     assert trainer["init_from"]["sha256"] == file_sha256(weights / "imported-hf" / "trainer.json")
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("fsdp2", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("fsdp2", marks=pytest.mark.extended),
+                                      pytest.param("ddp", marks=pytest.mark.extended)])
 def test_first_step_loss_equals_transformers_two_ranks(strategy, data_dir, weights, tmp_path):
     out = tmp_path / "run"
     cfg = run_config(data_dir, out, weights / "imported-hf", system__strategy=strategy, system__devices=2)
