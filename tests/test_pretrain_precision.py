@@ -242,7 +242,7 @@ def fsdp_bf16_mixed(data_dir, tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp2"])
 def test_precision_bf16_mixed_fsdp_dtypes_and_one_device(strategy, data_dir, tmp_path, monkeypatch, fsdp_bf16_mixed):
     run2, probe2 = (fsdp_bf16_mixed if strategy == "fsdp"
-                    else probed_run(data_dir, tmp_path, strategy, 2, "bf16-mixed"))
+                    else probed_run(data_dir, tmp_path, strategy, 2, "bf16-mixed", train__max_steps=1))
     assert_precision(probe2, strategy, 2, "bf16-mixed")
     run1, probe1 = probed_run(data_dir, tmp_path, strategy, 1, "bf16-mixed", monkeypatch, train__max_steps=1)
     assert_precision(probe1, strategy, 1, "bf16-mixed")
