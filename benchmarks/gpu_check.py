@@ -5,7 +5,7 @@ compiling included), with a CPU `--smoke` run of the same code that CI runs.
     python -m benchmarks.gpu_check --smoke [--out-dir DIR]      # CPU, `debug` model, no compile: seconds
 
 Parts (on a GPU each has a share of --budget-s plus what earlier parts left; before every run a part
-estimates it from its slowest run so far and skips what would overrun, saying so in the JSON; a CUDA run is
+estimates it from its last run and skips what would overrun, saying so in the JSON; a CUDA run is
 a child process killed at the end of its part's time; --smoke gives every part the whole budget):
   a. optim: Adam-mini on this device through the path `auto` picks here (CUDA: compiled kernels for models
      of 2^22 parameters and more, so `debug` with a 32,768 vocabulary, 4.3 M; CPU: the native kernel), fp32
@@ -74,10 +74,12 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 class Part:
-    """A part's clock: its deadline, and whether a run estimated at its slowest run so far still fits."""
+    """A part's clock: its deadline, and whether the next run, estimated to take as long as the last one (the
+    first: a guess), still fits. (The first run of a kind also compiles: the estimate after it is high, and a
+    later run that compiles again is under-estimated; a CUDA child is killed 30 s past the part's end.)"""
 
     def __init__(self, name: str, deadline: float, first_guess: float, clock=time.monotonic) -> None:
-        self.name, self.deadline, self.clock, self.slowest = name, deadline, clock, first_guess
+        self.name, self.deadline, self.clock, self.estimate = name, deadline, clock, first_guess
         self.runs: list[dict] = []
         self.skipped: list[dict] = []
 
@@ -86,14 +88,14 @@ class Part:
 
     def run(self, label: str, fn) -> dict | None:
         """`fn(seconds_left)` unless its estimate overruns the part; records the result or the skip."""
-        if self.slowest > self.left():
-            self.skipped.append({"run": label, "why": f"would overrun: estimated {self.slowest:.0f} s, "
+        if self.estimate > self.left():
+            self.skipped.append({"run": label, "why": f"would overrun: estimated {self.estimate:.0f} s, "
                                                       f"{max(self.left(), 0):.0f} s left of the part"})
             return None
         t0 = self.clock()
         out = fn(self.left())
         seconds = self.clock() - t0
-        self.slowest = max(seconds, self.slowest if self.runs else 0.0)
+        self.estimate = seconds
         out = {"run": label, **out, "wall_s": round(seconds, 2)}
         self.runs.append(out)
         return out

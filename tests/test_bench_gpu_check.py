@@ -61,15 +61,16 @@ def test_gpu_check_skips_what_would_overrun():
             return {"left_at_start": left}
         return run
 
-    part.run("first", takes(4.0))          # the guess (3 s) fits the 10 s; it took 4
-    part.run("second", takes(1.0))         # 6 s left >= 4: runs
-    part.run("third", takes(1.0))          # 5 s left >= 4: runs
-    part.run("fourth", takes(1.0))         # 4 s left >= 4: runs
-    part.run("fifth", takes(1.0))          # 3 s left < 4 (the slowest so far): skipped
+    part.run("first", takes(4.0))          # the guess (3 s) fits the 10 s; it took 4 (it compiled)
+    part.run("second", takes(1.0))         # 6 s left >= 4: runs, takes 1
+    part.run("third", takes(3.0))          # 5 s left >= 1: runs, takes 3
+    part.run("fourth", takes(1.0))         # 2 s left < 3 (the last run's time): skipped
+    part.run("fifth", takes(1.0))          # still 2 s left < 3: skipped
     report = part.report()
-    assert [r["run"] for r in report["runs"]] == ["first", "second", "third", "fourth"]
-    assert report["runs"][0]["left_at_start"] == 10.0
-    assert report["skipped"] == [{"run": "fifth", "why": "would overrun: estimated 4 s, 3 s left of the part"}]
+    assert [r["run"] for r in report["runs"]] == ["first", "second", "third"]
+    assert [r["left_at_start"] for r in report["runs"]] == [10.0, 6.0, 5.0]
+    assert report["skipped"] == [{"run": run, "why": "would overrun: estimated 3 s, 2 s left of the part"}
+                                 for run in ("fourth", "fifth")]
 
 
 def test_gpu_check_without_cuda_is_one_line(capsys):
