@@ -279,6 +279,7 @@ CASES = [
     Case("bench-data-throughput-loader-workers", ["benchmarks.data_throughput", "--loader-workers", "x"],
          2, "--loader-workers"),
     Case("bench-cpu-pretrain-runs", ["benchmarks.cpu_pretrain", "--runs", "tpu:2"], 2, "--runs"),
+    Case("bench-prepare-memory-mb-0", ["benchmarks.prepare_memory", "--mb", "0"], 2, "--mb"),
 ]
 
 
