@@ -20,6 +20,36 @@ class WriteError(RuntimeError):
     """Writing failed for a reason of the disk (no space, read-only, no permission); the message names the path."""
 
 
+FULL_BELOW_BYTES = 1 << 20  # a filesystem with less free space than this after a failed write is full
+
+
+def out_of_space(error: BaseException, path: str | os.PathLike) -> bool:
+    """Whether `error`, raised while writing under `path`, means its filesystem is full (or over quota).
+
+    An OSError says so with its errno (ENOSPC, EDQUOT, anywhere in the cause chain); safetensors raises a
+    `SafetensorError` that only quotes the OS message; torch's writer (`torch.save`, DCP's files) raises
+    `RuntimeError: [enforce fail at inline_container.cc:...] . unexpected pos ...` with neither: for that one,
+    check the free space left on `path`'s filesystem (call this before removing the partial output)."""
+    import errno
+
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if any(os.strerror(n) in str(e) for n in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        e = e.__cause__ or e.__context__
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Best-effort fsync of a file or folder (some filesystems refuse it on folders: ignored)."""
     try:

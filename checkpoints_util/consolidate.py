@@ -27,9 +27,10 @@ from checkpoints_util.reader import open_checkpoint
 
 def consolidate(checkpoint, out, with_optimizer: bool = False, dtype: torch.dtype | None = None,
                 overwrite: bool = False, quiet: bool = True):
-    """Write the consolidated file; returns its path. Validates everything before writing."""
+    """Write the consolidated file; returns its path. Verifies the checksums and validates everything before
+    writing."""
     check_destination(out, overwrite)
-    ck = open_checkpoint(checkpoint)
+    ck = open_checkpoint(checkpoint, verify=True)  # a damaged file must not become NaN in the output
     ck.validate()
     info = ck.tensor_info()
     total = sum(nbytes(shape, d) for shape, d in info.values())

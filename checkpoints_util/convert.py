@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from amp_common import yaml_safe
 from checkpoints_util import store
 from checkpoints_util.layout import (
     CONFIG_FILE,
@@ -67,7 +68,7 @@ def read_format1(path: Path) -> tuple[dict, dict]:
     """(state for the new DCP save, its metadata: trainer.json fields, run config, model config) of a format-1
     checkpoint; each file is read once."""
     trainer = json.loads((path / TRAINER_FILE).read_text())
-    config = (yaml.safe_load((path / CONFIG_FILE).read_text()) or {}) if (path / CONFIG_FILE).is_file() else {}
+    config = (yaml_safe.load((path / CONFIG_FILE).read_text()) or {}) if (path / CONFIG_FILE).is_file() else {}
     model_config = load_model_config(path / MODEL_CONFIG_FILE)
     shapes = expected_shapes(model_config)
     model_file, opt_file = path / trainer["model_file"], path / trainer["optimizer_file"]

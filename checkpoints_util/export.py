@@ -11,8 +11,9 @@
 `--tokenizer PATH|auto` adds the tokenizer, a SentencePiece `tokenizer.model` or a Hugging Face `tokenizer.json`
 (checked against the one the training data was prepared with, see checkpoints_util/tokenizer_files.py).
 
-Both validate the checkpoint against its model config first and write DIR atomically (a temporary
-folder renamed at the end), so a failure leaves no half-written export behind.
+Both first verify every file of the checkpoint against the sha256 recorded at save time (a damaged byte would
+otherwise be NaN in the weights) and validate it against its model config, then write DIR atomically (a
+temporary folder renamed at the end), so a failure leaves no half-written export behind.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _total_bytes(ck: Checkpoint, dtype: torch.dtype) -> int:
 def export_litgpt(checkpoint, out, dtype: torch.dtype | None = None, overwrite: bool = False,
                   quiet: bool = True, tokenizer: str | None = None) -> Path:
     check_destination(out, overwrite)
-    ck = open_checkpoint(checkpoint)
+    ck = open_checkpoint(checkpoint, verify=True)  # a damaged file must not become NaN in the export
     ck.validate()
     tok = tokenizer_files.resolve_tokenizer(ck, tokenizer)
     dt = _out_dtype(ck, dtype)
@@ -68,7 +69,7 @@ def export_hf(checkpoint, out, dtype: torch.dtype | None = None, max_shard_size:
     from safetensors.torch import save_file
 
     check_destination(out, overwrite)
-    ck = open_checkpoint(checkpoint)
+    ck = open_checkpoint(checkpoint, verify=True)  # a damaged file must not become NaN in the export
     ck.validate()
     dt = _out_dtype(ck, dtype)
     config = hf_llama.hf_config(ck.model_config, dt)  # refuses non-Llama configs before writing

@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 
 from amp_common.tensors import nbytes, numel
-from checkpoints_util.layout import CheckpointError
 from checkpoints_util.output import human_bytes
 from checkpoints_util.reader import Checkpoint, open_checkpoint
 
@@ -24,11 +23,7 @@ MODEL_FIELDS = ("name", "n_layer", "n_embd", "n_head", "n_query_groups", "head_s
 def inspect_checkpoint(path, verify: bool = False) -> dict[str, Any]:
     """A JSON-able summary of the checkpoint at `path` (validated against its model config). With `verify`,
     every file is also checked against the sha256 recorded at save time (raises CheckpointError if one differs)."""
-    ck: Checkpoint = open_checkpoint(path)
-    if verify:
-        problem = ck.verify()
-        if problem:
-            raise CheckpointError(problem)
+    ck: Checkpoint = open_checkpoint(path, verify=verify)
     ck.validate()
     info = ck.tensor_info()
     n_params = sum(numel(shape) for shape, _ in info.values())
@@ -95,7 +90,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def run(args) -> int:
     report = inspect_checkpoint(args.checkpoint, verify=args.verify)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
 
 

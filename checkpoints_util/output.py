@@ -8,13 +8,15 @@ then renamed into place; on any error the temporary is deleted and the destinati
 """
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from amp_common import atomic
-from amp_common.atomic import WriteError
+from amp_common.atomic import WriteError, out_of_space
 from checkpoints_util.layout import CheckpointError
 
 
@@ -33,7 +35,7 @@ def check_destination(final: str | Path, overwrite: bool) -> None:
 def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder that becomes `final` when the block ends without an error."""
     check_destination(final, overwrite)
-    with _disk_errors(final), atomic.atomic_dir(final) as tmp:
+    with _disk_errors(final), atomic.atomic_dir(final) as tmp, _disk_errors(final):  # inner: before the cleanup
         yield tmp
 
 
@@ -44,17 +46,26 @@ def atomic_file(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if final.is_dir():
         raise CheckpointError(f"{final}: is a folder; --out must name a file")
     check_destination(final, overwrite)
-    with _disk_errors(final), atomic.atomic_file(final) as tmp:
+    with _disk_errors(final), atomic.atomic_file(final) as tmp, _disk_errors(final):  # inner: before the cleanup
         yield tmp
 
 
 @contextmanager
 def _disk_errors(final: str | Path) -> Iterator[None]:
-    """An OSError while writing `final` (disk full, no permission) becomes one WriteError naming it."""
+    """An OSError while writing `final` (disk full, no permission), or a writer's error on a full disk (torch.save
+    and safetensors raise ones without an errno), becomes one WriteError naming it. Wrap the writing itself (the
+    free space is checked while the partial output is still there) and the temporary's creation and rename."""
     try:
         yield
-    except OSError as e:
-        raise WriteError(f"{final}: could not write it ({e.strerror or e}); nothing was left behind") from None
+    except (CheckpointError, WriteError):
+        raise
+    except Exception as e:
+        if out_of_space(e, final):
+            raise WriteError(f"{final}: could not write it ({os.strerror(errno.ENOSPC)}); nothing was left "
+                             f"behind") from None
+        if isinstance(e, OSError):
+            raise WriteError(f"{final}: could not write it ({e.strerror or e}); nothing was left behind") from None
+        raise
 
 
 def progress(total: int, desc: str, quiet: bool, unit: str = "B"):

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 import yaml
 
+from amp_common import yaml_safe
 from amp_common.quiet import quiet_checkpoint_warnings
 from amp_common.tensors import nbytes, numel
 from checkpoints_util import store
@@ -54,12 +55,25 @@ def load_model_config(path: Path):
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (every checkpoint holds the model's litgpt config)")
     try:
-        fields = yaml.safe_load(path.read_text())
+        fields = yaml_safe.load(path.read_text())
         if not isinstance(fields, dict):
             raise ValueError(f"expected a mapping of litgpt.Config fields, got {type(fields).__name__}")
-        return Config(**fields)
+        config = Config(**fields)
+        bad = [f"{k}={getattr(config, k)!r}" for k in SIZE_FIELDS if not _positive_int(getattr(config, k))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} (sizes must be integers > 0)")
+        return config
     except Exception as e:  # yaml errors, unknown fields (TypeError), invalid values
-        raise CheckpointError(f"{path}: not a valid litgpt model config: {' '.join(str(e).split())}") from None
+        raise CheckpointError(f"{path}: not a valid litgpt model config: {' '.join(str(e).split())[:300]}") from None
+
+
+# the litgpt.Config fields that size the model's tensors
+SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "head_size", "intermediate_size", "vocab_size",
+               "padded_vocab_size", "block_size")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def load_keys(path: Path, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -109,8 +123,16 @@ class Checkpoint:
     def validate(self) -> None:
         """Every tensor name and shape must fit `model_config.yaml`; raises one CheckpointError if not."""
         stored = self.tensor_info()
-        expected = expected_shapes(self.model_config)
         cfg_file = self.path / MODEL_CONFIG_FILE
+        blocks = {m.group(1) for n in stored if (m := re.match(r"^transformer\.h\.(\d+)\.", n))}
+        if len(blocks) != self.model_config.n_layer:  # before building a model of n_layer blocks (which may be huge)
+            raise CheckpointError(f"{self.path}: does not match {cfg_file}: it says n_layer={self.model_config.n_layer}"
+                                  f", the checkpoint holds {len(blocks)} transformer blocks")
+        try:
+            expected = expected_shapes(self.model_config)
+        except Exception as e:  # noqa: BLE001 - litgpt cannot build that model: the config is not a valid one
+            raise CheckpointError(f"{cfg_file}: not a valid litgpt model config ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:300]})") from None
         missing = [n for n in expected if n not in stored]
         extra = [n for n in stored if n not in expected]
         if missing or extra:
@@ -151,7 +173,8 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ optimizer
     def optimizer_kind(self) -> str:
-        return str(self.trainer.get("optimizer") or (self.train_config or {}).get("optimizer", {}).get("name")
+        section = (self.train_config or {}).get("optimizer")
+        return str(self.trainer.get("optimizer") or (section.get("name") if isinstance(section, dict) else None)
                    or "unknown")
 
     def optimizer_state_bytes(self) -> int | None:
@@ -216,15 +239,23 @@ def resolve_path(path: str | Path) -> Path:
     return latest
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint (see `resolve_path`); reads only the small JSON/YAML files."""
+def open_checkpoint(path: str | Path, verify: bool = False) -> Checkpoint:
+    """Open a checkpoint (see `resolve_path`); reads only the small JSON/YAML files, and with `verify` first checks
+    every file against the sha256 recorded at save time (reads all of it; one CheckpointError naming a bad file)."""
     path = resolve_path(path)
     trainer = store.read_trainer(path)
+    if verify:
+        problem = store.verify(path)
+        if problem:
+            raise CheckpointError(problem)
     model_config = load_model_config(path / MODEL_CONFIG_FILE)
     train_config = None
     if (path / CONFIG_FILE).is_file():
         try:
-            train_config = yaml.safe_load((path / CONFIG_FILE).read_text())
+            train_config = yaml_safe.load((path / CONFIG_FILE).read_text())
         except yaml.YAMLError as e:
-            raise CheckpointError(f"{path / CONFIG_FILE}: invalid YAML ({' '.join(str(e).split())})") from None
+            raise CheckpointError(f"{path / CONFIG_FILE}: invalid YAML ({' '.join(str(e).split())[:300]})") from None
+        if train_config is not None and not isinstance(train_config, dict):
+            raise CheckpointError(f"{path / CONFIG_FILE}: not a training config (a {type(train_config).__name__}, "
+                                  f"expected a mapping)")
     return Checkpoint(path=path, trainer=trainer, model_config=model_config, train_config=train_config)

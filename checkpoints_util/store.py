@@ -37,7 +37,14 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from amp_common.atomic import WriteError, atomic_write_json, atomic_write_text, fsync_tree, replace_dir
+from amp_common.atomic import (
+    WriteError,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_tree,
+    out_of_space,
+    replace_dir,
+)
 from amp_common.checksum import file_sha256
 from amp_common.dist import distributed, gather_objects, rank, world
 from amp_common.quiet import quiet_checkpoint_warnings
@@ -69,10 +76,7 @@ def verify(path: Path) -> str | None:
     """Check every file of a checkpoint against trainer.json (collective: the ranks share the files).
 
     Returns None when all match, else one line naming the first bad file."""
-    trainer = read_trainer(path)
-    files = sorted(trainer.get("files", {}).items())
-    if not files:
-        return f"{path / TRAINER_FILE}: lists no files to verify"
+    files = sorted(read_trainer(path)["files"].items())  # checked to be {name: {"bytes", "sha256"}}
     problem = None
     for i, (name, want) in enumerate(files):
         if i % world() != rank():
@@ -175,8 +179,9 @@ def _describe(error: BaseException, tmp: Path) -> tuple[str, str]:
 
     cause = root_cause(error)
     final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                       errno.EPERM):
+    if not isinstance(cause, CheckpointError) and out_of_space(cause, tmp):  # torch's writer loses the errno
+        return "disk", f"{final}: could not write the checkpoint ({os.strerror(errno.ENOSPC)}); nothing was kept"
+    if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "disk", f"{final}: could not write the checkpoint ({os.strerror(cause.errno)}); nothing was kept"
     return "other", f"{final}: could not write the checkpoint ({' '.join(str(cause).split())})"
 
@@ -203,8 +208,8 @@ def read_trainer(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAINER_FILE})") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: unreadable ({' '.join(str(e).split())})") from None
-    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
-        raise CheckpointError(f"{f}: not a trainer state (expected a JSON object with an integer 'step')")
+    if not isinstance(trainer, dict) or not _is_count(trainer.get("step")):
+        raise CheckpointError(f"{f}: not a trainer state (expected a JSON object with an integer 'step' >= 0)")
     if trainer.get("format") == 1:
         raise OldFormatError(f"{path}: written in checkpoint format 1 (model.pt / model/ + optimizer); convert it "
                               f"with `amp-ckpt convert {path}`")
@@ -212,7 +217,34 @@ def read_trainer(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{f}: checkpoint format {trainer.get('format')!r}, this code reads {FORMAT}")
     if step_of(path) is not None and step_of(path) != trainer["step"]:
         raise CheckpointError(f"{f}: says step {trainer['step']}, the folder is {path.name}")
+    problem = _files_problem(trainer.get("files"))
+    if problem:
+        raise CheckpointError(f"{f}: 'files' {problem} (damaged or not written by this code)")
     return trainer
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _files_problem(files) -> str | None:
+    """What is wrong with trainer.json's "files" ({file name: {"bytes": int, "sha256": hex}}), or None."""
+    if files is None:
+        return "is missing"
+    if not isinstance(files, dict):
+        return f"is a {type(files).__name__}, not a mapping of file names"
+    if not files:
+        return "lists no files to verify"
+    for name, want in files.items():
+        if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            return f"names {name!r}, not a file of the checkpoint folder"
+        if not isinstance(want, dict) or not _is_count(want.get("bytes")) \
+                or not isinstance(want.get("sha256"), str) or not _SHA256_RE.match(want["sha256"]):
+            return f"entry {name!r} is not {{\"bytes\": size, \"sha256\": 64 hex digits}}"
+    return None
 
 
 # DCP's `.metadata` is a pickle. Unpickle exactly these (module, name) pairs: the classes DCP pickles for this

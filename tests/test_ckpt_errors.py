@@ -12,7 +12,7 @@ import yaml
 
 from checkpoints_util import hf_llama
 from checkpoints_util.__main__ import main
-from helpers.checkpoints import random_model, save_checkpoint_of, trained_optimizer
+from helpers.checkpoints import random_model, reseal, save_checkpoint_of, trained_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,6 +82,7 @@ def test_shapes_that_do_not_fit_the_config(ckpt, tmp_path, capsys):
     cfg = yaml.safe_load((bad / "model_config.yaml").read_text())
     cfg["intermediate_size"] = 200  # the stored MLP matrices are 176 wide
     (bad / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    reseal(bad, ["model_config.yaml"])  # past the checksums (consolidate and export verify them first)
     for cmd in (["inspect", str(bad)],
                 ["consolidate", str(bad), "--out", str(tmp_path / "out" / "full.pth")],
                 ["export", str(bad), "--format", "litgpt", "--out", str(tmp_path / "out" / "lit")],
@@ -100,19 +101,28 @@ def test_missing_and_extra_tensors(ckpt, tmp_path, capsys):
     cfg["n_layer"] = 3
     (bad / "model_config.yaml").write_text(yaml.safe_dump(cfg))
     code, err = run_main(capsys, "inspect", str(bad))
-    assert code == 2 and "tensor(s) that model_config.yaml needs are missing (e.g. transformer.h.2." in err, err
+    assert code == 2 and err == f"error: {bad}: does not match {bad / 'model_config.yaml'}: it says n_layer=3, the " \
+                                f"checkpoint holds 2 transformer blocks", err
+    cfg["n_layer"] = 2
+    cfg["n_embd"], cfg["head_size"] = 32, 8  # n_layer fits; the attention and MLP matrices do not
+    (bad / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    code, err = run_main(capsys, "inspect", str(bad))
+    assert code == 2 and "has shape [" in err, err
 
 
 def test_unreadable_files(ckpt, tmp_path, capsys):
     bad = copy_ckpt(ckpt, tmp_path)
     (bad / "__0_0.distcp").write_bytes(b"this is not a tensor file")
+    damaged = f"error: {bad / '__0_0.distcp'}: 25 bytes, {(ckpt / '__0_0.distcp').stat().st_size} bytes when " \
+              f"saved (truncated or damaged)"
+    for cmd in (["inspect", str(bad), "--verify"], ["consolidate", str(bad), "--out", str(tmp_path / "x.pth")]):
+        code, err = run_main(capsys, *cmd)
+        assert code == 2 and err == damaged, err
+    reseal(bad, ["__0_0.distcp"])  # the checksums match: DCP's reading fails
     code, err = run_main(capsys, "consolidate", str(bad), "--out", str(tmp_path / "x.pth"))
     err = err.splitlines()[-1]  # after the progress bar
     assert code == 2 and err.startswith(f"error: {bad}: cannot read the checkpoint (") and len(err) < 500, err
     assert not (tmp_path / "x.pth").exists()
-    code, err = run_main(capsys, "inspect", str(bad), "--verify")
-    assert code == 2 and err == f"error: {bad / '__0_0.distcp'}: 25 bytes, " \
-        f"{(ckpt / '__0_0.distcp').stat().st_size} bytes when saved (truncated or damaged)", err
 
     bad1 = copy_ckpt(ckpt, tmp_path / "a")
     (bad1 / ".metadata").write_bytes(b"\x80\x04junk")
@@ -165,6 +175,7 @@ def test_non_llama_config_is_refused_for_hf(ckpt, tmp_path, capsys):
     cfg = yaml.safe_load((bad / "model_config.yaml").read_text())
     cfg["parallel_residual"] = True  # same tensors, different computation
     (bad / "model_config.yaml").write_text(yaml.safe_dump(cfg))
+    reseal(bad, ["model_config.yaml"])
     code, err = run_main(capsys, "export", str(bad), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert code == 2 and "not a plain Llama" in err and "parallel residual" in err, err
     assert not (tmp_path / "hf").exists()

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from amp_common.checksum import file_sha256
 from checkpoints_util.__main__ import main as ckpt_main
+from helpers.checkpoints import reseal
 from helpers.runs import cli_args, tiny_config
 from pretrain.__main__ import main as pretrain_main
 
@@ -75,14 +75,6 @@ def payloads(marker: Path) -> dict[str, bytes]:
 
 
 PAYLOAD_IDS = list(payloads(Path("x")))
-
-
-def reseal(folder: Path, names: list[str]) -> None:
-    """Record the current sha256 and size of `names` in trainer.json, as a crafted checkpoint would."""
-    trainer = json.loads((folder / "trainer.json").read_text())
-    for name in names:
-        trainer["files"][name] = {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-    (folder / "trainer.json").write_text(json.dumps(trainer))
 
 
 def plant_pickled_object(folder: Path, key: str, marker: Path) -> None:
@@ -215,3 +207,156 @@ def test_real_metadata_still_loads(run_dir, capsys):
     meta = read_metadata(run_dir / STEP)
     assert "model.lm_head.weight" in meta.state_dict_metadata
     assert ckpt_main(["inspect", str(run_dir), "--verify"]) == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ trainer.json, YAML
+def malform(how: str):
+    """A change to trainer.json (a parsed dict, or a replacement document)."""
+    def change(trainer: dict):
+        files = trainer["files"]
+        first = sorted(files)[0]
+        if how == "files-list":
+            trainer["files"] = sorted(files)
+        elif how == "files-string":
+            trainer["files"] = "all of them"
+        elif how == "files-missing":
+            del trainer["files"]
+        elif how == "files-empty":
+            trainer["files"] = {}
+        elif how == "entry-without-sha256":
+            del files[first]["sha256"]
+        elif how == "entry-without-bytes":
+            del files[first]["bytes"]
+        elif how == "bytes-a-string":
+            files[first]["bytes"] = str(files[first]["bytes"])
+        elif how == "bytes-negative":
+            files[first]["bytes"] = -1
+        elif how == "sha256-a-number":
+            files[first]["sha256"] = 12
+        elif how == "entry-a-list":
+            files[first] = [files[first]["bytes"], files[first]["sha256"]]
+        elif how == "name-outside":
+            files["../../etc/passwd"] = files.pop(first)
+        elif how == "step-a-string":
+            trainer["step"] = str(trainer["step"])
+        elif how == "step-a-bool":
+            trainer["step"] = True
+        elif how == "step-huge":
+            trainer["step"] = 10**30
+        elif how == "not-an-object":
+            return [trainer]
+        return trainer
+    return change
+
+
+MALFORMED = ["files-list", "files-string", "files-missing", "files-empty", "entry-without-sha256",
+             "entry-without-bytes", "bytes-a-string", "bytes-negative", "sha256-a-number", "entry-a-list",
+             "name-outside", "step-a-string", "step-a-bool", "step-huge", "not-an-object"]
+
+
+def rewrite_trainer(folder: Path, how: str) -> None:
+    f = folder / "trainer.json"
+    f.write_text(json.dumps(malform(how)(json.loads(f.read_text()))))
+
+
+@pytest.mark.parametrize("how", MALFORMED)
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "plain"])
+def test_malformed_trainer_json_is_one_line_in_inspect(how, verify, run_dir, tmp_path, capsys):
+    ck = tmp_path / STEP
+    shutil.copytree(run_dir / STEP, ck)
+    rewrite_trainer(ck, how)
+    code = ckpt_main(["inspect", str(ck), *(["--verify"] if verify else [])])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and "trainer.json" in line, line
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(data_dir, tmp_path_factory) -> Path:
+    """A 4-step run of the app with checkpoints at steps 2 and 4."""
+    from pretrain.loop import fit
+
+    out = tmp_path_factory.mktemp("sec2") / "run"
+    fit(tiny_config(data_dir, out, train__max_steps=4, checkpoint__interval=2, eval__interval=2))
+    return out
+
+
+@pytest.mark.parametrize("how", ["files-list", "files-string", "entry-without-sha256", "step-a-string",
+                                 pytest.param("not-an-object", marks=pytest.mark.extended),
+                                 pytest.param("bytes-a-string", marks=pytest.mark.extended),
+                                 pytest.param("name-outside", marks=pytest.mark.extended)])
+def test_malformed_trainer_json_is_damaged_and_auto_falls_back(how, two_checkpoints, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    rewrite_trainer(out / "step-00000004", how)
+    code = pretrain_main(cli_args(tiny_config(data_dir, out, train__max_steps=4, checkpoint__interval=2,
+                                              eval__interval=2)))
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err, captured.err
+    assert "skipping checkpoint step-00000004: " in captured.out and "trainer.json" in captured.out
+    assert "resuming from step-00000002, the newest checkpoint that verifies" in captured.out
+    assert [p.name for p in out.glob("damaged-*/*")] == ["step-00000004"]
+
+
+MARKER_TAG = "!!python/object/apply:os.system [\"touch {marker}\"]"
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b]\n"
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("model_config.yaml", MARKER_TAG, "not a valid litgpt model config"),
+    ("model_config.yaml", "name: debug\nn_layer: &n 2\nn_head: *n\n", "aliases"),
+    ("model_config.yaml", "- 1\n- 2\n", "expected a mapping"),
+    ("model_config.yaml", "{MODEL}n_embd: abc\n", "not a valid litgpt model config"),
+    ("model_config.yaml", "{MODEL}n_layer: 1000000000\n", "n_layer=1000000000"),
+    ("model_config.yaml", "{MODEL}n_head: 0\n", "not a valid litgpt model config"),
+    ("model_config.yaml", "{MODEL}vocab_size: true\n", "vocab_size=True"),
+    ("config.yaml", MARKER_TAG, "config.yaml: invalid YAML"),
+    ("config.yaml", BOMB, "aliases"),
+    ("config.yaml", "[1, 2]\n", "not a training config"),
+], ids=["mc-python-tag", "mc-alias", "mc-list", "mc-n_embd-str", "mc-n_layer-huge", "mc-n_head-0", "mc-vocab-bool",
+        "cfg-python-tag", "cfg-alias-bomb", "cfg-list"])
+def test_crafted_yaml_files_are_one_line(name, text, needle, run_dir, tmp_path, capsys):
+    import yaml
+
+    marker = tmp_path / "pwned"
+    ck = tmp_path / STEP
+    shutil.copytree(run_dir / STEP, ck)
+    changed = {ln.split(":")[0] for ln in text.replace("{MODEL}", "").splitlines()}
+    model = {k: v for k, v in yaml.safe_load((ck / "model_config.yaml").read_text()).items() if k not in changed}
+    (ck / name).write_text(text.replace("{marker}", str(marker)).replace("{MODEL}", yaml.safe_dump(model)))
+    reseal(ck, [name])
+    for args in (["inspect", str(ck)], ["inspect", "--json", "--verify", str(ck)]):
+        code = ckpt_main(args)
+        line = one_error_line(capsys.readouterr().err)
+        assert code == 2 and name in line and needle in line, line
+    assert not marker.exists()
+
+
+def test_crafted_model_config_is_one_line_on_resume(run_dir, data_dir, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    out, ck = crafted(run_dir, tmp_path, lambda f: (f / "model_config.yaml").write_text(
+        MARKER_TAG.replace("{marker}", str(marker))))
+    code, err = entry_point("resume-path", out, ck, data_dir, capsys)
+    line = one_error_line(err)
+    assert code == 2 and "model_config.yaml" in line and not marker.exists(), line
+
+
+# ------------------------------------------------------------------------------------------ damaged -> no export
+@pytest.mark.parametrize("verb", [["consolidate", "--out", "{out}/model.pth"],
+                                  ["consolidate", "--with-optimizer", "--out", "{out}/model.pth"],
+                                  ["export", "--format", "litgpt", "--out", "{out}/lit"],
+                                  ["export", "--format", "hf", "--out", "{out}/hf"]],
+                         ids=["consolidate", "consolidate-optimizer", "export-litgpt", "export-hf"])
+def test_a_damaged_checkpoint_is_not_exported(verb, run_dir, tmp_path, capsys):
+    """A flipped byte in a .distcp file would be NaN (or 3e38) in the output: verify first, as resume does."""
+    ck = tmp_path / STEP
+    shutil.copytree(run_dir / STEP, ck)
+    data = bytearray((ck / "__0_0.distcp").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (ck / "__0_0.distcp").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ckpt_main([verb[0], str(ck), *[a.replace("{out}", str(out)) for a in verb[1:]], "--quiet"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line == f"error: {ck / '__0_0.distcp'}: sha256 differs from the one recorded at save " \
+                                 f"time (damaged)", line
+    assert list(out.iterdir()) == []
