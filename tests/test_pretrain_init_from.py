@@ -95,16 +95,26 @@ def test_first_step_loss_equals_transformers_one_device(src, data_dir, weights, 
 
 
 def test_checkpoints_in_out_dir_win_over_init_from(data_dir, weights, tmp_path, capsys):
-    out = tmp_path / "run"
-    fit(run_config(data_dir, out, weights / "imported-hf"))
+    """A requeued run continues from its checkpoints, never from PATH, even once PATH is gone."""
+    import shutil
+
+    out, source = tmp_path / "run", tmp_path / "imported"
+    shutil.copytree(weights / "imported-hf", source)
+    fit(run_config(data_dir, out, source))
     first = logged_losses(out)
+    sha = file_sha256(source / "trainer.json")
     capsys.readouterr()
-    result = fit(run_config(data_dir, out, weights / "imported-hf", train__max_steps=2))
+    result = fit(run_config(data_dir, out, source, train__max_steps=2))
     said = capsys.readouterr().out
     assert "not used" in said and "resumed from step-00000001" in said, said
     assert list(result.losses) == [2] and logged_losses(out)[1] == first[1]
-    trainer = json.loads((out / "step-00000002" / "trainer.json").read_text())
-    assert trainer["init_from"]["sha256"] == file_sha256(weights / "imported-hf" / "trainer.json")
+    shutil.rmtree(source)
+    result = fit(run_config(data_dir, out, source, train__max_steps=3))
+    assert list(result.losses) == [3]
+    for step in (2, 3):
+        trainer = json.loads((out / f"step-{step:08d}" / "trainer.json").read_text())
+        assert trainer["init_from"] == {"path": str(source.resolve()), "sha256": sha, "step": 0,
+                                        "source": str((weights / "hf").resolve())}
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", pytest.param("fsdp2", marks=pytest.mark.extended),
