@@ -6,7 +6,8 @@
 - train.max_tokens counts tokens seen: a resume with another global batch trains to the budget, never past it;
 - Ctrl-C while a checkpoint is written exits 130 and leaves no partial folder (one process, and fsdp x 2);
 - a stop signal takes effect within a bounded time while a rank waits in a collective on a stopped peer
-  (SIGSTOP), and a stopped peer ends in one line, exit 4, after system.collective_timeout_s instead of a hang.
+  (SIGSTOP) or in the rendezvous, and a stopped peer (or one that never comes) ends in one line, exit 4, after
+  system.collective_timeout_s instead of a hang.
 """
 from __future__ import annotations
 
@@ -207,4 +208,56 @@ def test_a_stopped_peer_ends_the_run_after_the_collective_timeout(data_dir, tmp_
     assert took < 60, took
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "another rank stopped answering or died" in errors[0], text
+    assert "Traceback" not in text, text
+
+
+def _rank0_alone(data_dir, out: Path, **system):
+    """`python -m pretrain` as rank 0 of 2 under an outside launcher (torchelastic's variables) whose rank 1 never
+    comes: it waits in the rendezvous (C++, the TCPStore), where Python's signal handlers do not run."""
+    import socket
+    import subprocess
+    import sys
+
+    from helpers.data import REPO
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = tiny_config(data_dir, out, system__devices=2, system__strategy="ddp", train__global_batch_tokens=256,
+                      **{f"system__{k}": v for k, v in system.items()})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHELASTIC_RUN_ID": "h3", "RANK": "0", "LOCAL_RANK": "0",
+           "GROUP_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", *cli_args(cfg)], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    assert read_until(proc, "Initializing distributed", lines, timeout_s=120), "".join(lines)
+    return proc, lines
+
+
+@pytest.mark.extended
+def test_sigterm_in_the_rendezvous_exits_143_within_the_grace(data_dir, tmp_path):
+    proc, lines = _rank0_alone(data_dir, tmp_path / "run", stop_grace_s=2)
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        text = _end(proc, lines)
+    assert proc.returncode == 143, text
+    assert 1.5 <= took < 20, (took, text)
+    assert "did not end within system.stop_grace_s=2 s" in text and "Traceback" not in text, text
+
+
+def test_a_rank_that_never_comes_ends_the_rendezvous_after_the_collective_timeout(data_dir, tmp_path):
+    proc, lines = _rank0_alone(data_dir, tmp_path / "run", collective_timeout_s=3)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        text = _end(proc, lines)
+    assert proc.returncode == 4, text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "the rendezvous of the ranks failed" in errors[0], text
     assert "Traceback" not in text, text
