@@ -14,14 +14,13 @@ import json
 import os
 import pickle
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoints_util.__main__ import main as ckpt_main
-from helpers.checkpoints import reseal
+from helpers.checkpoints import code_running_pickle, reseal
 from helpers.runs import cli_args, tiny_config
 from pretrain.__main__ import main as pretrain_main
 
@@ -29,26 +28,6 @@ STEP = "step-00000002"
 
 
 # ------------------------------------------------------------------------------------------ payloads
-def _str(op4: bool, s: str) -> bytes:
-    b = s.encode()
-    return b"\x8c" + bytes([len(b)]) + b if op4 else b"X" + struct.pack("<I", len(b)) + b  # SHORT_BINUNICODE
-
-
-def _call(proto: int, opcode: str, module: str, name: str, arg: bytes | str) -> bytes:
-    """A pickle that resolves (module, name) with GLOBAL or STACK_GLOBAL and calls it with one argument."""
-    op4 = proto >= 4
-    head = b"\x80" + bytes([proto])
-    if opcode == "GLOBAL":
-        ref = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-    else:
-        ref = _str(op4, module) + _str(op4, name) + b"\x93"
-    if isinstance(arg, bytes):
-        a = b"B" + struct.pack("<I", len(arg)) + arg  # BINBYTES
-    else:
-        a = _str(op4, arg)
-    return head + ref + a + b"\x85R."  # TUPLE1 REDUCE STOP
-
-
 class _Reduce:
     def __init__(self, fn, arg):
         self.fn, self.arg = fn, arg
@@ -62,13 +41,13 @@ def payloads(marker: Path) -> dict[str, bytes]:
     evil_eval = f"__import__('os').system({touch!r})"
     fs, md = "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint.metadata"
     return {
-        "p4-stack-global-dotted-os.system": _call(4, "STACK_GLOBAL", fs, "os.system", touch),
-        "p4-global-dotted-os.system": _call(4, "GLOBAL", fs, "os.system", touch),
-        "p4-metadata-module-os.system": _call(4, "STACK_GLOBAL", md, "os.system", touch),
-        "p4-pickle.loads-to-reduce-eval": _call(4, "STACK_GLOBAL", fs, "pickle.loads",
-                                                pickle.dumps(_Reduce(eval, evil_eval), protocol=2)),
-        "p2-global-dotted-os.system": _call(2, "GLOBAL", fs, "os.system", touch),
-        "p2-stack-global-dotted-os.system": _call(2, "STACK_GLOBAL", fs, "os.system", touch),
+        "p4-stack-global-dotted-os.system": code_running_pickle(fs, "os.system", touch),
+        "p4-global-dotted-os.system": code_running_pickle(fs, "os.system", touch, opcode="GLOBAL"),
+        "p4-metadata-module-os.system": code_running_pickle(md, "os.system", touch),
+        "p4-pickle.loads-to-reduce-eval": code_running_pickle(fs, "pickle.loads",
+                                                              pickle.dumps(_Reduce(eval, evil_eval), protocol=2)),
+        "p2-global-dotted-os.system": code_running_pickle(fs, "os.system", touch, proto=2, opcode="GLOBAL"),
+        "p2-stack-global-dotted-os.system": code_running_pickle(fs, "os.system", touch, proto=2),
         "p2-reduce-eval": pickle.dumps(_Reduce(eval, evil_eval), protocol=2),
         "p4-reduce-os.system": pickle.dumps(_Reduce(os.system, touch), protocol=4),
     }

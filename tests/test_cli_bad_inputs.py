@@ -110,6 +110,46 @@ def copy_ckpt(name: str = "run", damage: Callable[[Path], None] | None = None) -
     return setup
 
 
+def in_step(change: Callable[[Path], None]) -> Callable[[Path], None]:
+    """A `copy_ckpt` damage: `change(the copy's step folder)`, then its checksums re-recorded in trainer.json (as a
+    crafted checkpoint would carry them), so the change reaches the code past the checksum check."""
+    def damage(run: Path) -> None:
+        from helpers.checkpoints import reseal
+
+        step = next(run.glob("step-*"))
+        change(step)
+        reseal(step, sorted(f.name for f in step.iterdir() if f.name != "trainer.json"))
+    return damage
+
+
+def code_in_metadata(step: Path) -> None:
+    """A .metadata whose unpickling would create `{tmp}/pwned` (which the table's check of {tmp} would catch)."""
+    from helpers.checkpoints import code_running_pickle
+
+    marker = step.parent.parent / "pwned"
+    (step / ".metadata").write_bytes(code_running_pickle("torch.distributed.checkpoint.filesystem", "os.system",
+                                                         f"touch {marker}"))
+
+
+def trainer_json(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A `copy_ckpt` damage: `change(trainer.json as a dict)` of the copy's step folder."""
+    def damage(run: Path) -> None:
+        import json
+
+        f = next(run.glob("step-*")) / "trainer.json"
+        trainer = json.loads(f.read_text())
+        change(trainer)
+        f.write_text(json.dumps(trainer))
+    return damage
+
+
+def flip_a_byte(run: Path) -> None:
+    f = next(run.glob("step-*")) / "__0_0.distcp"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
 def both(*setups: Callable[[Path, Fixtures], None]) -> Callable[[Path, Fixtures], None]:
     def setup(tmp: Path, fx: Fixtures) -> None:
         for s in setups:
@@ -167,6 +207,9 @@ CASES = [
     Case("pretrain-config-binary", [*PRETRAIN, "--config", "{tmp}/c.yaml"], 2, "c.yaml",
          write("c.yaml", b"\xff\xfe\x00garbage")),
     Case("pretrain-override-unknown-field", [*PRETRAIN, "--model.overrides", "{n_layers: 2}"], 2, "n_layers"),
+    Case("pretrain-override-not-mapping", [*PRETRAIN, "--model.overrides", "[1, 2]"], 2,
+         "model.overrides: expected a mapping"),
+    Case("pretrain-config-is-folder", [*PRETRAIN, "--config", "{tmp}"], 2, "config file not found"),
     Case("pretrain-override-alias-bomb", [*PRETRAIN, "--model.overrides", alias_bomb()], 2,
          "--model.overrides: YAML aliases", max_memory_mb=1024),
     Case("pretrain-option-alias-bomb", [*PRETRAIN, "--out_dir", alias_bomb()], 2, "--out_dir: YAML aliases",
@@ -223,6 +266,8 @@ CASES = [
          both(gz("a.json.gz", [b'{"text": "fine"}']),
               lambda tmp, fx: train_bpe_json(tmp / "tok.json", ["a b c"] * 5, vocab_size=270, template=False))),
     Case("prepare-part-out-of-range", [*PREPARE, "--part", "4/3"], 2, "--part"),
+    Case("prepare-out-is-file", ["data.prepare", "--out", "{tmp}/f", "--no-progress"], 2, "is a file, not a folder",
+         write("f", "x")),
     Case("prepare-empty-gz", [*PREPARE, "--train", "{tmp}/a.json.gz"], 2, "a.json.gz: empty file (0 bytes)",
          write("a.json.gz", b""), writes_nothing=True),
     Case("prepare-empty-zst", [*PREPARE, "--train", "{tmp}/ok.json.gz", "--val", "{tmp}/v.jsonl.zst"], 2,
@@ -246,7 +291,12 @@ CASES = [
          2, "no.json.gz"),
     Case("tokenizer-threads-0", ["data.tokenizer", "--out", "{out}/t.model", "--num-threads", "0"],
          2, "--num-threads"),
+    Case("tokenizer-out-is-folder", ["data.tokenizer", "--out", "{tmp}"], 2, "--out"),  # was exit 3 after training
     # --- amp-ckpt
+    Case("ckpt-no-command", ["checkpoints_util"], 2, "COMMAND"),
+    Case("ckpt-export-bad-format", ["checkpoints_util", "export", "{tmp}/x", "--format", "xx", "--out", "{out}"], 2,
+         "--format"),
+    Case("ckpt-inspect-a-file", ["checkpoints_util", "inspect", "{tmp}/f"], 2, "is a file", write("f", "x")),
     Case("ckpt-inspect-missing", ["checkpoints_util", "inspect", "{tmp}/nothing"], 2, "nothing"),
     Case("ckpt-inspect-empty-run", ["checkpoints_util", "inspect", "{tmp}/run"], 2, "run",
          lambda tmp, fx: (tmp / "run").mkdir()),
@@ -257,6 +307,30 @@ CASES = [
     Case("ckpt-convert-missing", ["checkpoints_util", "convert", "{tmp}/nothing", "--out", "{out}"], 2, "nothing"),
     Case("ckpt-inspect-missing-file", ["checkpoints_util", "inspect", "--verify", "{tmp}/run"], 2, "trainer.json",
          copy_ckpt("run", lambda run: next(run.glob("step-*/trainer.json")).unlink())),
+    Case("ckpt-inspect-code-in-metadata", ["checkpoints_util", "inspect", "{tmp}/run"], 2,
+         "refused to load torch.distributed.checkpoint.filesystem.os.system",
+         copy_ckpt("run", in_step(code_in_metadata))),
+    Case("ckpt-verify-trainer-files-a-list", ["checkpoints_util", "inspect", "--verify", "{tmp}/run"], 2,
+         "trainer.json: 'files' is a list",
+         copy_ckpt("run", trainer_json(lambda t: t.update(files=sorted(t["files"]))))),
+    Case("ckpt-verify-trainer-entry-without-sha256", ["checkpoints_util", "inspect", "--verify", "{tmp}/run"], 2,
+         "trainer.json: 'files' entry",
+         copy_ckpt("run", trainer_json(lambda t: t["files"][".metadata"].pop("sha256")))),
+    Case("ckpt-consolidate-damaged", ["checkpoints_util", "consolidate", "{tmp}/run", "--out", "{out}/m.pt"], 2,
+         "sha256 differs", copy_ckpt("run", flip_a_byte)),
+    Case("ckpt-export-damaged", ["checkpoints_util", "export", "{tmp}/run", "--format", "hf", "--out", "{out}/hf"], 2,
+         "sha256 differs", copy_ckpt("run", flip_a_byte)),
+    Case("ckpt-export-config-alias", ["checkpoints_util", "export", "{tmp}/run", "--format", "litgpt", "--out",
+                                      "{out}/lit"], 2, "config.yaml: invalid YAML (YAML aliases",
+         copy_ckpt("run", in_step(lambda step: (step / "config.yaml").write_text(alias_bomb())))),
+    Case("ckpt-inspect-model-config-python-tag", ["checkpoints_util", "inspect", "{tmp}/run"], 2,
+         "model_config.yaml: not a valid litgpt model config", copy_ckpt("run", in_step(
+             lambda step: (step / "model_config.yaml").write_text("!!python/object/apply:os.system [ls]\n")))),
+    Case("pretrain-resume-code-in-metadata", [*PRETRAIN, "--resume", "{tmp}/run/step-00000002", "--data.seq_len", "32",
+                                              "--train.global_batch_tokens", "256", "--train.micro_batch_size", "2",
+                                              "--system.accelerator", "cpu"], 2,
+         "refused to load torch.distributed.checkpoint.filesystem.os.system",
+         copy_ckpt("run", in_step(code_in_metadata))),
     Case("ckpt-import-missing", ["checkpoints_util", "import", "{tmp}/nothing", "--out", "{out}"], 2, "nothing"),
     Case("ckpt-import-not-llama", ["checkpoints_util", "import", "{tmp}/hf", "--out", "{out}"], 2,
          "only LlamaForCausalLM", write("hf/config.json", '{"architectures": ["MistralForCausalLM"], '
@@ -280,6 +354,10 @@ CASES = [
          2, "--loader-workers"),
     Case("bench-cpu-pretrain-runs", ["benchmarks.cpu_pretrain", "--runs", "tpu:2"], 2, "--runs"),
     Case("bench-prepare-memory-mb-0", ["benchmarks.prepare_memory", "--mb", "0"], 2, "--mb"),
+    Case("bench-optimizer-comparison-lrs", ["benchmarks.optimizer_comparison", "--lrs", "fast"], 2, "--lrs"),
+    *(Case(f"bench-{name}-unknown-option", [f"benchmarks.{name}", "--no-such-option"], 2, "--no-such-option")
+      for name in ("fsdp_layout", "gpu_pretrain", "memory_table", "optim_step", "optimizer_comparison",
+                   "import_memory", "network_bytes")),
 ]
 
 

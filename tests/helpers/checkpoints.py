@@ -99,6 +99,23 @@ def reseal(folder: Path, names: list[str]) -> None:
     (Path(folder) / "trainer.json").write_text(json.dumps(trainer, indent=2))
 
 
+def code_running_pickle(module: str, name: str, arg: bytes | str, proto: int = 4, opcode: str = "STACK_GLOBAL"
+                        ) -> bytes:
+    """A pickle that resolves (module, name) with the GLOBAL or STACK_GLOBAL opcode and calls it with one argument:
+    under protocol 4 a dotted name walks from `module` to another object (`("torch.distributed.checkpoint.
+    filesystem", "os.system")` is os.system)."""
+    import struct
+
+    def text(s: str) -> bytes:
+        b = s.encode()
+        return b"\x8c" + bytes([len(b)]) + b if proto >= 4 else b"X" + struct.pack("<I", len(b)) + b
+
+    ref = (b"c" + module.encode() + b"\n" + name.encode() + b"\n" if opcode == "GLOBAL"
+           else text(module) + text(name) + b"\x93")
+    value = b"B" + struct.pack("<I", len(arg)) + arg if isinstance(arg, bytes) else text(arg)
+    return b"\x80" + bytes([proto]) + ref + value + b"\x85R."  # TUPLE1 REDUCE STOP
+
+
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint folder by its flattened key (`model.lm_head.weight`, `optimizer.exp_avg.…`)."""
     from checkpoints_util.reader import load_keys
