@@ -26,10 +26,10 @@ blocks and the all-reduce bytes follow the choice.
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import models
+from data.cli import Parser
 from optim.blocks import plan_unit
 from optim.flat import flat_shard_segments
 from optim.layout import EMBEDDING_BLOCKS, VALUE_BLOCKS, Partition, model_layout
@@ -86,7 +86,7 @@ def analyse(config, world: int, partition: Partition = Partition()) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m benchmarks.fsdp_layout", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tinyllama-1.1b", choices=models.CONFIG_NAMES)
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--embedding-blocks", default="tokens", choices=EMBEDDING_BLOCKS)

@@ -20,9 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from data.cli import Parser
+
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m benchmarks.gpu_pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tinyllama-1.1b")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")

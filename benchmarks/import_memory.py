@@ -11,7 +11,6 @@ were imported, divided by the bytes of the output weights. Prints a table and, l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from data.cli import Parser
 
 CHILD = r"""
 import sys, threading, time
@@ -65,7 +66,7 @@ def measure(src: Path, out: Path, dtype: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.import_memory", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m benchmarks.import_memory", description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=1024, help="a multiple of 512")
     a = p.parse_args(argv)

@@ -44,13 +44,13 @@ meta-device model. Prints a table and, last, one JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
 
 import models
+from data.cli import Parser
 from optim.flat import even_shard_bounds
 from optim.layout import model_layout
 
@@ -205,7 +205,7 @@ def check_fsdp(world: int, replicas: int = 1) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m benchmarks.memory_table", description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--check-fsdp", type=int, default=0, metavar="W",
                     help="first check the formulas against real FSDP1 on W CPU processes (debug model, gloo)")

@@ -29,11 +29,11 @@ the same, so the network carries n times that. Prints the table and, last, one J
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import models
 from benchmarks.memory_table import fsdp_units
+from data.cli import Parser
 
 MODELS = ("tinyllama-1.1b", "llama2-7b", "llama2-13b")
 GB = 1e9
@@ -98,7 +98,7 @@ def table(rs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m benchmarks.network_bytes", description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step on every GPU")

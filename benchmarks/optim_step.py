@@ -21,7 +21,6 @@ about 1.1x fused AdamW. Eager adds separate passes for decay and step: about 1.5
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -30,6 +29,7 @@ import time
 import torch
 
 import models
+from data.cli import Parser
 from optim import kernels
 from optim import native as native_kernel
 from optim.build import build_optimizer
@@ -49,7 +49,7 @@ def make_model(config, seed=0):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m benchmarks.optim_step", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from amp_common.atomic import atomic_write_text
+from data.cli import Parser
 from data.tokenizer import SAMPLE_TOKENIZER, SAMPLE_TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,7 +363,7 @@ def plot(results: dict[str, dict], summary: dict, variants: list[str], seed: int
 
 # ---------------------------------------------------------------------------------------------- main
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(prog="python -m benchmarks.optimizer_comparison", description=__doc__.splitlines()[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--shape", choices=list(SHAPES), default="small4096")

@@ -21,10 +21,11 @@ from amp_common import exits
 from amp_common.atomic import WriteError
 from checkpoints_util import consolidate, convert, export, importer, inspect
 from checkpoints_util.layout import CheckpointError
+from data.cli import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amp-ckpt", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="amp-ckpt", description=__doc__.split("\n\n")[0],  # usage errors: one line, exit 2
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="See checkpoints_util/README.md for examples.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -254,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if Path(a.out).is_dir():  # found before training, not when the model is written
+        parser.error(f"argument --out: {a.out} is a folder; name the model file to write")
     try:
         tok = train_tokenizer(a.input, a.out, a.vocab_size, a.seed, a.input_sentence_size, a.num_threads)
     except DataError as e:
