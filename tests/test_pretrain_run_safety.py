@@ -211,6 +211,20 @@ def test_a_stopped_peer_ends_the_run_after_the_collective_timeout(data_dir, tmp_
     assert "Traceback" not in text, text
 
 
+@pytest.mark.extended
+def test_a_dead_peer_ends_the_run_at_once_with_exit_4(data_dir, tmp_path):
+    proc, lines = _fsdp2_with_rank1_stopped(data_dir, tmp_path / "run")
+    os.kill(_children(proc.pid)[0], signal.SIGKILL)  # stopped, then killed: its connections close
+    try:
+        proc.wait(timeout=60)  # well before the collective timeout (1800 s)
+    finally:
+        text = _end(proc, lines)
+    assert proc.returncode == 4, text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "another rank stopped answering or died" in errors[0], text
+    assert "Traceback" not in text, text
+
+
 def _rank0_alone(data_dir, out: Path, **system):
     """`python -m pretrain` as rank 0 of 2 under an outside launcher (torchelastic's variables) whose rank 1 never
     comes: it waits in the rendezvous (C++, the TCPStore), where Python's signal handlers do not run."""
