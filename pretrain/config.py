@@ -166,9 +166,9 @@ class SystemConfig:
     (a stopped or dead peer); torch's default is 1800. Raise it when one rank alone can be busy longer (e.g.
     rank 0 writing a huge checkpoint's metadata)"""
     stop_grace_s: float = 300.0
-    """seconds the current step (or start-up) has, after a stop signal, to end and start the save; past that,
-    (a rank waits for a peer that stopped answering) the process exits 128 + N without saving. Also the
-    time Ctrl-C has to finish. 0 = no limit. Raise it when start-up and the first step take longer"""
+    """seconds the current step (or start-up) has, after a stop signal, to end so that the save can start; past
+    that (e.g. a rank waits for a peer that stopped answering) the process exits 128 + N without saving. Also
+    the time Ctrl-C has to finish. 0 = no limit. Raise it when start-up and the first step take longer"""
 
 
 @dataclass
