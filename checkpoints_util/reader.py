@@ -122,6 +122,10 @@ class Checkpoint:
 
     def validate(self) -> None:
         """Every tensor name and shape must fit `model_config.yaml`; raises one CheckpointError if not."""
+        objects = [k for k, m in self.metadata.state_dict_metadata.items() if not hasattr(m, "size")]
+        if objects:
+            raise CheckpointError(f"{self.path}: entry {objects[0]!r} is a pickled object, not a tensor (a checkpoint "
+                                  f"holds tensors only; refused)")
         stored = self.tensor_info()
         cfg_file = self.path / MODEL_CONFIG_FILE
         blocks = {m.group(1) for n in stored if (m := re.match(r"^transformer\.h\.(\d+)\.", n))}

@@ -281,10 +281,15 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _check_metadata(metadata, path: Path) -> None:
-    """The unpickled `.metadata` must describe tensors only, stored in the checkpoint's own data files: DCP
-    reads an entry declared a pickled object (BytesStorageMetadata) with `torch.load(weights_only=False)`."""
+    """The unpickled `.metadata` must be DCP's, its entries tensors (or pickled objects, which format 1 holds and
+    `SafeReader.read_data` never reads), stored in the checkpoint's own data files."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorStorageMetadata,
+    )
 
     where = path / ".metadata"
     if not isinstance(metadata, Metadata):
@@ -293,9 +298,8 @@ def _check_metadata(metadata, path: Path) -> None:
     if not isinstance(entries, dict) or not isinstance(storage, dict):
         raise CheckpointError(f"{where}: unreadable (its tensor and storage tables are not mappings)")
     for key, entry in entries.items():
-        if not isinstance(entry, TensorStorageMetadata):
-            raise CheckpointError(f"{where}: entry {key!r} is a {type(entry).__name__}, not a tensor (this "
-                                  f"checkpoint format holds tensors only; refused)")
+        if not isinstance(entry, (TensorStorageMetadata, BytesStorageMetadata)):
+            raise CheckpointError(f"{where}: unreadable (entry {key!r} is a {type(entry).__name__})")
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
             raise CheckpointError(f"{where}: unreadable (a storage entry is not DCP's)")
@@ -308,12 +312,21 @@ def _check_metadata(metadata, path: Path) -> None:
 
 
 def safe_reader(path: Path):
-    """A DCP `FileSystemReader` whose `.metadata` is unpickled with the allow-list above and checked to describe
-    tensors in the checkpoint's own files; use it for every DCP read (`dcp.load(..., storage_reader=...)`).
-    Raises CheckpointError naming `.metadata` (DCP wraps it: `root_cause` unwraps it)."""
+    """A DCP `FileSystemReader` whose `.metadata` is unpickled with the allow-list above and checked to name only
+    the checkpoint's own files, and that never reads an entry stored as a pickled object (DCP would unpickle it
+    with `torch.load(weights_only=False)`): use it for every DCP read (`dcp.load(..., storage_reader=...)`).
+    Raises CheckpointError naming the problem (DCP wraps it: `root_cause` unwraps it)."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.planner import LoadItemType
 
     class SafeReader(FileSystemReader):
+        def read_data(self, plan, planner):
+            for item in plan.items:
+                if item.type == LoadItemType.BYTE_IO:
+                    raise CheckpointError(f"{Path(self.path)}: entry {item.storage_index.fqn!r} is a pickled object, "
+                                          f"not a tensor (a checkpoint holds tensors only; refused)")
+            return super().read_data(plan, planner)
+
         def read_metadata(self, *args, **kwargs):
             from torch.distributed.checkpoint.metadata import StorageMeta
 
