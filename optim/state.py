@@ -359,13 +359,21 @@ def save_optimizer(optimizer, path, layouts: Mapping | None = None) -> None:
 
 
 def load_optimizer(optimizer, path, layouts: Mapping | None = None, load_hparams: bool = True) -> None:
-    """Read a checkpoint written by `save_optimizer` (any world size, any sharding) into `optimizer`."""
+    """Read a checkpoint written by `save_optimizer` (any world size, any sharding) into `optimizer`. Its
+    `.metadata` is read through the checkpoint tools' safe reader: a crafted one is a CheckpointError, never code."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    from checkpoints_util.store import read_metadata, safe_reader
+    from checkpoints_util.layout import CheckpointError
+    from checkpoints_util.store import read_metadata, root_cause, safe_reader
 
     read_metadata(path)  # one CheckpointError naming a crafted or damaged .metadata, before DCP wraps it
     with quiet_checkpoint_warnings():
         sd = {"optimizer": sharded_state_dict(optimizer, layouts)}
-        dcp.load(sd, storage_reader=safe_reader(path), no_dist=not distributed())
+        try:
+            dcp.load(sd, storage_reader=safe_reader(path), no_dist=not distributed())
+        except (Exception, CheckpointException) as e:  # DCP wraps the safe reader's refusal
+            if isinstance(root_cause(e), CheckpointError):
+                raise root_cause(e) from None
+            raise
     load_sharded_state_dict(optimizer, sd["optimizer"], layouts, load_hparams=load_hparams)
