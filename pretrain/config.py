@@ -150,8 +150,8 @@ class SystemConfig:
     all nodes); N > 1 = hybrid sharding (HSDP): N replicas, each sharding the model over world/N ranks; only
     one gradient all-reduce per unit crosses between replicas. Use one replica per node on several nodes
     (shards inside the fast NVLink domain, memory per GPU of a one-node FULL_SHARD run); set 1 when the model
-    does not fit one node's GPUs. N must divide devices x num_nodes. null = num_nodes with fsdp/fsdp2 on
-    several nodes, else 1"""
+    does not fit one node's GPUs. N must divide devices x num_nodes and leave at least 2 ranks per replica.
+    null = num_nodes with fsdp/fsdp2 on several nodes of several GPUs, else 1"""
     precision: Literal["auto", "bf16-mixed", "bf16-true", "32-true"] = "auto"
     """auto = bf16-mixed on GPU, 32-true on CPU. bf16-mixed: fp32 master weights, gradients and optimizer state,
     bf16 compute (fsdp/fsdp2 all-gather bf16 weights; gradients are reduced in bf16 under fsdp, in fp32 under

@@ -39,13 +39,13 @@ class Plan:
     world_size: int
     compile: bool
     activation_checkpointing: bool
-
     replicas: int = 1              # > 1: hybrid sharding, `replicas` x `shard_size` ranks (fsdp/fsdp2 only)
 
     @property
     def shard_size(self) -> int:
         """Ranks that shard the model together (all of them under FULL_SHARD)."""
         return self.world_size // self.replicas
+
     def describe(self) -> str:
         extras = [x for x, on in (("compiled", self.compile), ("activation checkpointing",
                                                                self.activation_checkpointing)) if on]
@@ -81,12 +81,16 @@ def _replicas(asked: int | None, strategy: str, world: int, num_nodes: int) -> i
     several nodes."""
     sharded = strategy in ("fsdp", "fsdp2")
     if asked is None:
-        return num_nodes if sharded and num_nodes > 1 else 1
+        return num_nodes if sharded and num_nodes > 1 and world // num_nodes > 1 else 1
     if asked > 1 and not sharded:
         raise ConfigError(f"system.replicas={asked} is a layout of fsdp/fsdp2 (hybrid sharding); "
                           f"system.strategy={strategy} shards nothing: leave system.replicas null or 1")
     if world % asked:
         raise ConfigError(f"system.replicas={asked} does not divide the world size devices x num_nodes = {world}")
+    if asked > 1 and world == asked:
+        # FSDP1 clamps a shard group of one to NO_SHARD, which does not average across the replicas (measured)
+        raise ConfigError(f"system.replicas={asked} leaves one rank per replica (world size {world}): nothing is "
+                          f"sharded; use system.strategy=ddp, or fewer replicas")
     return asked
 
 
@@ -176,15 +180,6 @@ def _fsdp2_parallelize(model: GPT, mesh, p: Plan, model_config: Config, seed: in
     return model
 
 
-def wrap_blocks(model: GPT, p: Plan) -> None:
-    """Activation checkpointing (a wrapper around each Block) and/or `Block.compile()`, in place.
-
-    (FSDP1's activation checkpointing is Lightning's, applied after wrapping: only compile here.)"""
-    if p.activation_checkpointing and p.strategy != "fsdp":
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for i, block in enumerate(model.transformer.h):
-            model.transformer.h[i] = checkpoint_wrapper(block)
 def hsdp_mesh(mesh, replicas: int):
     """The 2-D `("replicate", "shard")` mesh of HSDP over the ranks of ModelParallelStrategy's data-parallel
     dimension (Fabric builds that one 1-D; `fully_shard` on a 2-D mesh replicates over dim 0, shards over dim 1).
@@ -198,6 +193,15 @@ def hsdp_mesh(mesh, replicas: int):
     return init_device_mesh(mesh.device_type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
 
 
+def wrap_blocks(model: GPT, p: Plan) -> None:
+    """Activation checkpointing (a wrapper around each Block) and/or `Block.compile()`, in place.
+
+    (FSDP1's activation checkpointing is Lightning's, applied after wrapping: only compile here.)"""
+    if p.activation_checkpointing and p.strategy != "fsdp":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.transformer.h):
+            model.transformer.h[i] = checkpoint_wrapper(block)
     if p.compile:
         for block in model.transformer.h:
             block.compile()

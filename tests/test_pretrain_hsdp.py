@@ -11,7 +11,7 @@ Default run (two 4-rank runs and one 3-rank run):
   and `export` read it unchanged.
 Also (no processes): `system.replicas` resolves as documented and a bad value is one line, exit 2.
 Extended (`-m extended`): fsdp2 HSDP equals one device; under fsdp HSDP a SIGUSR1 stop resumes bitwise on the
-same layout, and the checkpoint resumes on one device and on another strategy's HSDP layout.
+same layout, and the checkpoint resumes on one device and under fsdp2 HSDP 2x2.
 """
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def single(data_dir, tmp_path_factory):
 
 
 def test_replicas_option(data_dir, tmp_path, capsys):
-    """null: one replica per node with fsdp/fsdp2 on several nodes, else 1; 1 turns HSDP off; an N that does not
-    divide the world, or HSDP with a strategy that shards nothing, is one line and exit 2 before anything starts."""
+    """null: one replica per node with fsdp/fsdp2 on several nodes of several GPUs, else 1; 1 turns HSDP off; an N
+    that does not divide the world or leaves one rank per replica, or HSDP with a strategy that shards nothing, is
+    one line and exit 2 before anything starts."""
     from pretrain.config import ConfigError
     from pretrain.strategy import plan
 
@@ -102,6 +103,10 @@ def test_replicas_option(data_dir, tmp_path, capsys):
         layout(strategy="fsdp", devices=4, replicas=3)
     with pytest.raises(ConfigError, match="system.strategy=ddp shards nothing"):
         layout(strategy="ddp", devices=4, replicas=2)
+    # one rank per replica shards nothing (FSDP1 would fall back to NO_SHARD and not average across replicas)
+    with pytest.raises(ConfigError, match="system.replicas=4 leaves one rank per replica"):
+        layout(strategy="fsdp", devices=4, replicas=4)
+    assert layout(strategy="fsdp", devices=1, num_nodes=4).startswith("fsdp x 4 cpu")  # nodes of one GPU: FULL_SHARD
     from pretrain.__main__ import main
 
     assert main(["--system.accelerator", "cpu", "--system.strategy", "fsdp", "--system.devices", "4",
