@@ -10,7 +10,8 @@ Output:
 - `--with-optimizer`: `{"model": state dict, "optimizer": {"kind", "format", "param_groups", "state":
   {parameter name: {key: tensor}}}, "model_config": {...}, "trainer": {...}}`.
 
-Memory: the whole model is held once (e.g. 13B in fp32 = 52 GB). For Hugging Face / litgpt use prefer
+Every file is first checked against the sha256 recorded at save time (a damaged byte would be NaN in the
+output). Memory: the whole model is held once (e.g. 13B in fp32 = 52 GB). For Hugging Face / litgpt use prefer
 `export`, which streams (HF) block by block.
 """
 from __future__ import annotations

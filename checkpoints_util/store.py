@@ -18,8 +18,12 @@ the YAML files and trainer.json, fsyncs, and renames the folder to `step-XXXXXXX
 mid-save leaves only a `.tmp-*` folder, which nothing reads and the next run removes.
 
 Reading verifies every file against trainer.json (the ranks share the hashing) before anything is
-loaded, and DCP's `.metadata` is unpickled with an allow-list of DCP's own metadata classes: a
-checkpoint cannot run code. Multi-node runs need out_dir on a filesystem shared by all nodes.
+loaded. Every file is untrusted input (a crafted checkpoint carries matching checksums): trainer.json is
+checked field by field, DCP's `.metadata` is unpickled admitting exact (module, name) pairs of DCP's own
+metadata classes, may name only the folder's own data files, and an entry stored as a pickled object is
+never read (`safe_reader`): a checkpoint cannot run code. A full disk is a WriteError ("No space left on
+device") also where torch's writer loses the errno. Multi-node runs need out_dir on a filesystem shared by
+all nodes.
 """
 from __future__ import annotations
 
