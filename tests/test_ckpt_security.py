@@ -259,7 +259,9 @@ def two_checkpoints(data_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("how", ["files-list", "files-string", "entry-without-sha256", "step-a-string",
+@pytest.mark.parametrize("how", ["files-list", "entry-without-sha256",  # a trainer start each: the rest extended
+                                 pytest.param("files-string", marks=pytest.mark.extended),
+                                 pytest.param("step-a-string", marks=pytest.mark.extended),
                                  pytest.param("not-an-object", marks=pytest.mark.extended),
                                  pytest.param("bytes-a-string", marks=pytest.mark.extended),
                                  pytest.param("name-outside", marks=pytest.mark.extended)])
