@@ -119,7 +119,7 @@ def full_grads(probe, world: int) -> dict[str, torch.Tensor]:
                                                           device="meta").named_parameters()}
     full = {n: torch.full((k,), math.nan, dtype=torch.float64) for n, k in shapes.items()}
     for r in range(world):
-        for name, pieces in torch.load(probe / f"rank{r}.pt").items():
+        for name, pieces in torch.load(probe / f"rank{r}.pt", weights_only=True).items():
             for start, end, values in pieces:
                 full[name][start:end] = values.double()
     assert all(not t.isnan().any() for t in full.values()), "a gradient element no rank holds"
