@@ -19,7 +19,8 @@ import yaml
 
 from amp_common import yaml_safe
 
-ModelName = Literal["debug", "tiny", "tinyllama-1.1b", "llama2-7b", "llama2-13b"]  # = models.CONFIG_NAMES (tested)
+# = models.CONFIG_NAMES (tested)
+ModelName = Literal["debug", "tiny", "tinyllama-1.1b", "llama2-7b", "llama2-13b", "llama3.2-1b"]
 
 
 @dataclass
@@ -27,7 +28,8 @@ class ModelConfig:
     name: ModelName = "tiny"
     """named model config (models/configs.py)"""
     overrides: dict = field(default_factory=dict)
-    """litgpt.Config fields to override, as a YAML/JSON mapping, e.g. '{n_layer: 4, vocab_size: 8192}'"""
+    """litgpt.Config fields to override, as a YAML/JSON mapping, e.g. '{n_layer: 4, vocab_size: 8192}'; a shape
+    that cannot work (a size < 1, n_query_groups not dividing n_head) is refused naming the field"""
 
 
 @dataclass
@@ -230,7 +232,8 @@ def build_parser():
                     "on CPU) and Adam-mini or AdamW. Values come from the defaults, then --config FILE, then the "
                     "options below. Also runs under `fabric run` and SLURM (srun). SIGUSR1 saves a checkpoint and "
                     "exits 0 (requeue), SIGTERM saves and exits 143. Exit status: see pretrain/__main__.py.")
-    parser.add_argument("--config", metavar="FILE", help="YAML file with sections like configs/demo.yaml")
+    parser.add_argument("--config", metavar="FILE", help="YAML file with sections like configs/demo.yaml (YAML "
+                                                         "aliases are refused here and in every option value)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved configuration and exit")
     parser.add_class_arguments(PretrainConfig, fail_untyped=True, sub_configs=False)
     init_from = parser._option_string_actions.pop("--init.from_")  # spelled as users write it (see InitConfig)
