@@ -197,3 +197,17 @@ def test_fsdp_hsdp_stop_resumes_bitwise_and_elsewhere(data_dir, tmp_path, single
     for run in (one, other):
         assert_losses_close(logged_losses(single), logged_losses(run), range(STOP + 1, STEPS + 1))
         assert_close_tensors(state_tensors(final(single)), state_tensors(final(run)), RTOL, f"{run.name}: ")
+
+
+def test_wrap_blocks_compiles_every_block():
+    """system.compile: `wrap_blocks` compiles each Block in place (1131bab, which added hsdp_mesh next to it, had
+    cut its compile part off for a while and nothing noticed)."""
+    import models
+    from pretrain.strategy import Plan, wrap_blocks
+
+    model = models.build_model(models.get_config("debug"), device="meta")
+    wrap_blocks(model, Plan("cpu", "fsdp", "32-true", 2, compile=True, activation_checkpointing=False, replicas=1))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.transformer.h)
+    plain = models.build_model(models.get_config("debug"), device="meta")
+    wrap_blocks(plain, Plan("cpu", "fsdp", "32-true", 2, compile=False, activation_checkpointing=False))
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in plain.transformer.h)
