@@ -7,7 +7,7 @@
   `Shard(0)` parameters); bf16-mixed is FSDP2's `MixedPrecisionPolicy` (bf16 parameters in forward and
   backward, fp32 gradient reduction). Each Block is materialised, initialised and sharded in turn.
 - `ddp` / `single`: DDP over NCCL or gloo, or one process.
-- `system.replicas` N > 1 (null: one per node on several nodes): hybrid sharding (HSDP) for fsdp/fsdp2, N
+- `system.replicas` N > 1 (null: one per node on several multi-GPU nodes): hybrid sharding (HSDP) for fsdp/fsdp2, N
   replicas of world/N consecutive ranks each (`Plan.replicas` x `Plan.shard_size`): FSDP1 `HYBRID_SHARD` on a
   `(replicate, shard)` device mesh, FSDP2 `fully_shard` on that 2-D mesh. Adam-mini's block sums then go over the
   shard group only (the group FSDP gives its units: optim/flat.py, optim/dtensor.py).
@@ -78,7 +78,7 @@ def plan(cfg: PretrainConfig) -> Plan:
 
 def _replicas(asked: int | None, strategy: str, world: int, num_nodes: int) -> int:
     """The number of model replicas (HSDP when > 1): `system.replicas`, or one per node for fsdp/fsdp2 on
-    several nodes."""
+    several nodes of several GPUs each (a replica of one rank would shard nothing: refused)."""
     sharded = strategy in ("fsdp", "fsdp2")
     if asked is None:
         return num_nodes if sharded and num_nodes > 1 and world // num_nodes > 1 else 1
