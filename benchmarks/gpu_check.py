@@ -87,13 +87,17 @@ class Part:
         return self.deadline - self.clock()
 
     def run(self, label: str, fn) -> dict | None:
-        """`fn(seconds_left)` unless its estimate overruns the part; records the result or the skip."""
+        """`fn(seconds_left)` unless its estimate overruns the part; records the result (an exception: as the
+        run's `error`) or the skip."""
         if self.estimate > self.left():
             self.skipped.append({"run": label, "why": f"would overrun: estimated {self.estimate:.0f} s, "
                                                       f"{max(self.left(), 0):.0f} s left of the part"})
             return None
         t0 = self.clock()
-        out = fn(self.left())
+        try:
+            out = fn(self.left())
+        except Exception as exc:  # an in-process run (the optim part) that fails must not lose the other parts
+            out = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
         seconds = self.clock() - t0
         self.estimate = seconds
         out = {"run": label, **out, "wall_s": round(seconds, 2)}
@@ -430,7 +434,10 @@ def main(argv=None) -> int:
         deadline = end if args.smoke else now + share * (end - now)
         part = parts[name] = Part(name, deadline, 0.0 if args.smoke else FIRST_GUESS_S[name])
         if name == "optim":
-            optim_part(part, device, args.smoke)
+            try:
+                optim_part(part, device, args.smoke)
+            except Exception as exc:  # e.g. the process group did not start: the other parts still run
+                part.runs.append({"run": "setup", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
             continue
         runner = _in_process if args.smoke else child_run
         for spec in (app_specs if name == "app" else memory_specs)(args.smoke):

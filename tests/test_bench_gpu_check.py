@@ -73,6 +73,22 @@ def test_gpu_check_skips_what_would_overrun():
                                  for run in ("fourth", "fifth")]
 
 
+def test_gpu_check_a_failing_run_is_recorded_and_the_part_goes_on():
+    """An in-process run (the optim part on a GPU) that raises is the run's `error`, not the end of the check."""
+    from benchmarks.gpu_check import Part
+
+    part = Part("optim", deadline=float("inf"), first_guess=0.0)
+
+    def fails(left):
+        raise RuntimeError("NCCL error: unhandled cuda error\nsecond line")
+
+    part.run("plain, float32 m", fails)
+    part.run("plain, bfloat16 m", lambda left: {"max_rel_err": 0.0})
+    runs = part.report()["runs"]
+    assert [r["run"] for r in runs] == ["plain, float32 m", "plain, bfloat16 m"]
+    assert runs[0]["error"] == "RuntimeError: NCCL error: unhandled cuda error" and "error" not in runs[1]
+
+
 def test_gpu_check_without_cuda_is_one_line(capsys):
     import torch
 
