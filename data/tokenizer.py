@@ -27,6 +27,7 @@ import numpy as np
 from amp_common.checksum import file_sha256
 from data.cli import MAX_THREADS, Parser, int_in
 from data.errors import DataError
+from data.readers import DEFAULT_TEXT_FIELD
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 SAMPLE_TOKENIZER = SAMPLE_DIR / "tokenizer.model"
@@ -175,7 +176,8 @@ def load_tokenizer(path: str | os.PathLike, bos: str | None = None, eos: str | N
     return Tokenizer(path)
 
 
-def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int) -> Iterator[str]:
+def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int,
+                    text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
     """Non-empty lines of every document, long lines cut at spaces into pieces of <= max_line_bytes.
 
     SentencePiece treats one input item as a sentence and silently drops items longer than
@@ -183,7 +185,7 @@ def _training_lines(files: Sequence[str | os.PathLike], max_line_bytes: int) -> 
     from data.readers import iter_texts
 
     for f in files:
-        for text in iter_texts(f):
+        for text in iter_texts(f, text_field=text_field):
             for line in text.split("\n"):
                 while line.strip():
                     if len(line.encode("utf-8")) <= max_line_bytes:
@@ -207,8 +209,10 @@ def _training_error(message: str, inputs: Sequence[str | os.PathLike], vocab_siz
 
 
 def train_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, vocab_size: int = 4096,
-                    seed: int = 0, input_sentence_size: int = 300_000, num_threads: int = 2) -> Tokenizer:
-    """Train a Llama-layout BPE model from C4/SlimPajama files and write it atomically to `out`."""
+                    seed: int = 0, input_sentence_size: int = 300_000, num_threads: int = 2,
+                    text_field: str = DEFAULT_TEXT_FIELD) -> Tokenizer:
+    """Train a Llama-layout BPE model from C4/SlimPajama/parquet files (the document in `text_field`) and
+    write it atomically to `out`."""
     import sentencepiece as spm
 
     out = Path(out)
@@ -217,7 +221,7 @@ def train_tokenizer(inputs: Sequence[str | os.PathLike], out: str | os.PathLike,
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(inputs, max_len), model_writer=model,
+            sentence_iterator=_training_lines(inputs, max_len, text_field), model_writer=model,
             model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             character_coverage=0.99995, split_digits=True, allow_whitespace_only_pieces=True,
@@ -238,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="python -m data.tokenizer",
         description="Train a Llama-layout SentencePiece BPE tokenizer (byte fallback, unk/bos/eos = 0/1/2, "
-                    "no pad) from C4 *.json.gz / SlimPajama *.jsonl.zst files. Documents are later encoded "
+                    "no pad) from C4 *.json.gz, SlimPajama *.jsonl.zst or *.parquet files. Documents are later encoded "
                     "as BOS + tokens + EOS. With no arguments it regenerates data/sample/tokenizer.model.")
     p.add_argument("--input", nargs="+", default=[str(SAMPLE_TRAIN)],
                    help="source files (default: the sample train file)")
@@ -250,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-sentence-size", type=int_in(0), default=300_000,
                    help="cap on training lines sampled, 0 = all (default: %(default)s)")
     p.add_argument("--num-threads", type=int_in(1, MAX_THREADS), default=2)
+    p.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, metavar="NAME",
+                   help="the JSON field / parquet column holding the document (default: %(default)s)")
     return p
 
 
@@ -258,8 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if Path(a.out).is_dir():  # found before training, not when the model is written
         parser.error(f"argument --out: {a.out} is a folder; name the model file to write")
+    if not a.text_field:
+        parser.error("argument --text-field: must name a field, got ''")
     try:
-        tok = train_tokenizer(a.input, a.out, a.vocab_size, a.seed, a.input_sentence_size, a.num_threads)
+        tok = train_tokenizer(a.input, a.out, a.vocab_size, a.seed, a.input_sentence_size, a.num_threads,
+                              a.text_field)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -75,3 +75,18 @@ def test_loads_mistral_llama_layout_model():
     tok = Tokenizer(MISTRAL)
     check_llama_layout(tok, 32000)
     assert tok.encode_document("Hello world") == [1, 22557, 1526, 2]
+
+
+def test_trains_from_parquet_with_a_named_column(tmp_path):
+    """data.tokenizer reads every data.prepare format, and --text-field names the column (data.readers' error
+    for a missing column tells the user to pass it): the model equals one trained on the same texts as JSON."""
+    from data.tokenizer import main
+    from helpers.corpus import write_parquet
+
+    texts = make_texts(300, seed=3)
+    src = write_parquet(tmp_path / "a.parquet", texts, column="content")
+    gz = write_gz(tmp_path / "a.json.gz", c4_lines(texts))
+    assert main(["--input", str(src), "--out", str(tmp_path / "p.model"), "--vocab-size", "400",
+                 "--text-field", "content"]) == 0
+    assert main(["--input", str(gz), "--out", str(tmp_path / "j.model"), "--vocab-size", "400"]) == 0
+    assert file_sha256(tmp_path / "p.model") == file_sha256(tmp_path / "j.model")
