@@ -31,6 +31,8 @@ def inspect_checkpoint(path, verify: bool = False) -> dict[str, Any]:
     dtypes = sorted({str(dtype).replace("torch.", "") for _, dtype in info.values()})
     files = ck.files()
     t = ck.trainer
+    state_bytes = ck.optimizer_state_bytes()
+    source = t.get("source") if isinstance(t.get("source"), dict) else None  # amp-ckpt import's record
     return {
         "path": str(ck.path),
         "step": t.get("step"),
@@ -48,7 +50,10 @@ def inspect_checkpoint(path, verify: bool = False) -> dict[str, Any]:
             "dtypes": dtypes,
             "bytes": model_bytes,
         },
-        "optimizer": {"kind": ck.optimizer_kind(), "state_bytes": ck.optimizer_state_bytes()},
+        # a checkpoint without optimizer state that names no optimizer (an import): kind None, not 'unknown'
+        "optimizer": {"kind": None if state_bytes is None and not t.get("optimizer") else ck.optimizer_kind(),
+                      "state_bytes": state_bytes},
+        "source": source,
         "train_config": ck.train_config,
         "files": [{"path": p, "bytes": b} for p, b in files],
         "total_bytes": sum(b for _, b in files),
@@ -67,20 +72,25 @@ def format_report(r: dict[str, Any]) -> str:
         f"written on   {r['world_size']} rank(s), {r['strategy']}, precision {r['precision']}",
         f"saved at     {r['saved_at']} (reason: {r['reason']})",
     ]
+    if r.get("source"):
+        lines.append(f"imported     {r['source'].get('path')} ({r['source'].get('format')})")
     if r.get("loss") is not None or r.get("val_loss") is not None:
         lines.append(f"loss         train {_fmt(r.get('loss'))}, val {_fmt(r.get('val_loss'))}")
     lines += [
         f"model        {m['name']}: {m['parameters']:,} parameters, {', '.join(m['dtypes'])}, "
         f"{human_bytes(m['bytes'])}",
         "             " + ", ".join(f"{k}={m[k]}" for k in MODEL_FIELDS if k != "name"),
+        "optimizer    none (weights only)" if o["kind"] is None else
         f"optimizer    {o['kind']}: state {human_bytes(o['state_bytes']) if o['state_bytes'] is not None else 'absent'}"
         + (f" ({o['state_bytes'] / m['bytes']:.2f} x the weights)" if o["state_bytes"] and m["bytes"] else ""),
         "training config:",
     ]
     if r["train_config"]:
         lines += ["  " + ln for ln in yaml.safe_dump(r["train_config"], sort_keys=False).rstrip().splitlines()]
+    elif o["kind"] is None:  # a model-only folder (amp-ckpt import): its config.yaml is empty
+        lines.append("  (none: weights only)")
     else:
-        lines.append("  (no config.yaml)")
+        lines.append("  (no config.yaml)" if r["train_config"] is None else "  (config.yaml is empty)")
     verified = "every file matches its sha256 from save time" if r["verified"] else "not verified (--verify)"
     lines.append(f"files ({len(r['files'])}, {human_bytes(r['total_bytes'])}; {verified}):")
     width = max((len(f["path"]) for f in r["files"]), default=0)

@@ -293,3 +293,19 @@ def test_published_configs_are_the_named_models(name):
     config = litgpt_config(hf, "config.json")
     assert config.name == name
     assert dataclasses.asdict(config) == dataclasses.asdict(models.get_config(name))
+
+
+def test_inspect_of_an_import_says_what_it_is(source, tmp_path, capsys):
+    """amp-ckpt inspect on an imported folder names its source and says it holds weights only (it printed
+    'optimizer unknown' and '(no config.yaml)' beside the folder's config.yaml)."""
+    root, _ = source
+    imported(root / "hf", tmp_path / "imp")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "imp")]) == 0
+    out = capsys.readouterr().out
+    assert f"imported     {(root / 'hf').resolve()} (hf)" in out
+    assert "optimizer    none (weights only)" in out and "(none: weights only)" in out
+    assert "unknown" not in out and "no config.yaml" not in out
+    assert main(["inspect", "--json", str(tmp_path / "imp")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"]["format"] == "hf" and report["optimizer"] == {"kind": None, "state_bytes": None}
