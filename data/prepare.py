@@ -241,8 +241,9 @@ def prepare_split(split: str, sources: Sequence[Path], tokenizer_path: str | os.
     tok = load_tokenizer(tokenizer_path, bos, eos)  # a bad tokenizer is refused before anything is written
     split_dir = Path(out_dir) / split
     make_folder(split_dir)
-    for p in split_dir.glob(".*.tmp"):  # leftovers of an interrupted run; never referenced
-        remove_file(p)
+    if part is None:  # leftovers of an interrupted run, never referenced (a part leaves them: another part
+        for p in split_dir.glob(".*.tmp"):  # running in the same folder may be writing one; the final run cleans)
+            remove_file(p)
     dtype = dtype_for_vocab(tok.vocab_size)
     options = {"skip_sets": sorted(set(skip_sets)), "shard_tokens": int(shard_tokens), "dtype": dtype.name}
     options |= tok.options() | ({"text_field": text_field} if text_field != DEFAULT_TEXT_FIELD else {})

@@ -38,6 +38,8 @@ def sources(tmp_path):
     write_gz(src / "c4-a.json.gz", c4_lines(make_texts(10, seed=60)))
     write_zst(src / "sp-b.jsonl.zst", slimpajama_lines(make_texts(8, seed=61)))
     write_gz(src / "c4-c.json.gz", c4_lines([]))  # a source without documents: a part with no shards
+    (tmp_path / "val").mkdir()
+    write_gz(tmp_path / "val" / "c4-v.json.gz", c4_lines(make_texts(6, seed=62)))  # validation is not training data
     return src
 
 
@@ -50,7 +52,7 @@ def test_part_sources_cover_every_source_once():
 def test_three_parts_and_the_final_run_equal_one_process(tmp_path, sources, capsys):
     """Parts 1 and 3 finish, part 2 fails on a damaged source and is re-run alone once it is fixed; the final
     run (no --part) tokenises nothing and writes the manifest: every file equals a one-process prepare's."""
-    common = ["--train", str(sources), "--val", str(sources / "c4-a.json.gz"), "--shard-tokens", "300",
+    common = ["--train", str(sources), "--val", str(tmp_path / "val" / "c4-v.json.gz"), "--shard-tokens", "300",
               "--no-progress"]
     parts = tmp_path / "parts"
     for k in (1, 3):
@@ -86,6 +88,21 @@ def test_final_run_does_what_no_part_finished(tmp_path, sources):
     assert main(["--out", str(tmp_path / "parts"), *common]) == 0
     assert main(["--out", str(tmp_path / "one"), *common]) == 0
     assert _files(tmp_path / "parts" / "train") == _files(tmp_path / "one" / "train")
+
+
+def test_a_starting_part_leaves_the_running_parts_files_alone(tmp_path, sources):
+    """Parts run at once in one --out (a SLURM array's tasks start whenever nodes free up): a part that starts
+    must not delete another part's shard being written (its `.*.tmp`, renamed when complete), which made that
+    part fail; the final run (no --part, after every part) removes what a killed part left."""
+    common = ["--train", str(sources), "--shard-tokens", "300", "--no-progress"]
+    train = tmp_path / "parts" / "train"
+    train.mkdir(parents=True)
+    writing = train / ".fw-0-0123abcd-0000.bin.x1y2.tmp"  # part 1's shard, still being written
+    writing.write_bytes(b"half a shard")
+    assert main(["--out", str(tmp_path / "parts"), "--part", "2/3", *common]) == 0
+    assert writing.read_bytes() == b"half a shard"
+    assert main(["--out", str(tmp_path / "parts"), *common]) == 0
+    assert not writing.exists()
 
 
 @pytest.mark.parametrize("args,message", [
