@@ -84,7 +84,7 @@ class HFTokenizer:
         self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
         names = {"bos": bos, "eos": eos}
         source = {k: f"--{k}" for k, v in names.items() if v}
-        config = self._config()
+        config = self._config() if not (bos and eos) else {}  # both named: tokenizer_config.json is not read
         for k in ("bos", "eos"):
             if not names[k] and (name := _config_token(config.get(f"{k}_token"))):
                 names[k], source[k] = name, CONFIG_NAME

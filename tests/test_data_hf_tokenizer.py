@@ -106,6 +106,17 @@ def test_bad_tokenizer_json_is_one_line(tmp_path, capsys, bpe, case):
     assert not (tmp_path / "out").exists()
 
 
+def test_bos_eos_named_do_not_read_a_broken_tokenizer_config(tmp_path, bpe):
+    """The refusal of a broken tokenizer_config.json says 'or name the tokens with --bos/--eos': doing so works."""
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(bpe.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text("{broken")
+    with pytest.raises(DataError, match="name the tokens with --bos/--eos"):
+        HFTokenizer(path)
+    tok = HFTokenizer(path, bos="<s>", eos="</s>")
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+
+
 @pytest.fixture(scope="module")
 def big_vocab(tmp_path_factory):
     """A tokenizer.json of 70,000 ids whose BOS/EOS are ids above 65,535 (so shards must be 32-bit)."""
