@@ -5,10 +5,12 @@
 # pinned to the version installed in this machine's .venv (the versions the test suite ran with) and fetched as
 # a cp312 manylinux wheel into .whl/ (ignored by git), with the list in .whl/requirements.txt.
 #
-#   bash scripts/gpu_wheels.sh [--dest DIR] [--python-version 3.12] [--dry-run]
+#   bash scripts/gpu_wheels.sh [--dest DIR] [--python-version 3.12] [--gpu-check-only] [--dry-run]
 #
-# --dry-run prints the list and the pip command and downloads nothing. Needs this machine's .venv (bash
-# scripts/setup.sh) and PyPI. About 120 MB, 20 s (measured). Then carry the repository with .whl/ to the GPU
+# --dry-run prints the list and the pip command and downloads nothing. --gpu-check-only leaves out pyarrow and
+# tensorboard and what only they need (46 packages, not 55; gpu_check imports neither), for a transfer limited
+# below the whole set's size (download size not measured). Needs this machine's .venv (bash
+# scripts/setup.sh) and PyPI. About 120 MB, 20 s (measured, all 55). Then carry the repository with .whl/ to the GPU
 # machine and, from its root (benchmarks/README.md, benchmarks/gpu_check.py):
 #   python -m pip install --no-index --no-deps --target /tmp/amp-deps .whl/*.whl && \
 #       PYTHONPATH=/tmp/amp-deps:. python -m benchmarks.gpu_check --out-dir "$OUT"
@@ -18,12 +20,14 @@ cd "$(dirname "$0")/.."
 dest=.whl
 pyver=3.12
 dry=0
+only=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --dest) dest=${2:?--dest needs a folder}; shift 2 ;;
         --python-version) pyver=${2:?--python-version needs a value such as 3.12}; shift 2 ;;
         --dry-run) dry=1; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --gpu-check-only) only=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "gpu_wheels.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -33,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 # name==version of every package the app needs beyond torch, for the target Python on Linux x86_64
-reqs=$(.venv/bin/python - "$pyver" <<'EOF'
+reqs=$(.venv/bin/python - "$pyver" "$only" <<'EOF'
 import sys
 import tomllib
 from importlib import metadata
@@ -66,6 +70,8 @@ def closure(roots):
 with open("pyproject.toml", "rb") as f:
     deps = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
 deps = [d for d in deps if d.marker is None or d.marker.evaluate({**env, "extra": ""})]
+if sys.argv[2] == "1":  # --gpu-check-only: parquet reading and TensorBoard logging are not part of it
+    deps = [d for d in deps if canonicalize_name(d.name) not in ("pyarrow", "tensorboard")]
 torch_side = closure([Requirement("torch")])
 for name in sorted(closure(deps) - torch_side):
     print(f"{name}=={metadata.version(name)}")

@@ -119,6 +119,13 @@ def test_gpu_wheels_script_lists_the_app_dependencies_but_not_torch():
         assert pins.get(name) == metadata.version(name), name
     assert not {"torch", "triton", "sympy", "jinja2", "filelock", "networkx", "fsspec"} & set(pins)
     assert "--abi cp312" in proc.stdout and "manylinux" in proc.stdout
+    # --gpu-check-only: without pyarrow, tensorboard and what only they pull in (the check imports neither)
+    only = subprocess.run(["bash", "scripts/gpu_wheels.sh", "--gpu-check-only", "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert only.returncode == 0, only.stderr
+    small = dict(line.split("==") for line in only.stdout.splitlines() if "==" in line and not line.startswith("#"))
+    assert set(small) < set(pins) and not {"pyarrow", "tensorboard", "grpcio", "protobuf"} & set(small), small
+    assert {n: pins[n] for n in small} == small and {"lightning", "litgpt", "numpy", "safetensors"} <= set(small)
     checker = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if Path(checker).is_file():
         check = subprocess.run([checker, "scripts/gpu_wheels.sh"], cwd=REPO, capture_output=True, text=True)
