@@ -304,6 +304,9 @@ def _check_metadata(metadata, path: Path) -> None:
     for key, entry in entries.items():
         if not isinstance(entry, (TensorStorageMetadata, BytesStorageMetadata)):
             raise CheckpointError(f"{where}: unreadable (entry {key!r} is a {type(entry).__name__})")
+        problem = _tensor_entry_problem(entry) if isinstance(entry, TensorStorageMetadata) else None
+        if problem:
+            raise CheckpointError(f"{where}: unreadable (entry {key!r}: {problem})")
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
             raise CheckpointError(f"{where}: unreadable (a storage entry is not DCP's)")
@@ -313,6 +316,28 @@ def _check_metadata(metadata, path: Path) -> None:
                                   f"checkpoint (__<rank>_<n>.distcp); refused")
         if not all(isinstance(v, int) and v >= 0 for v in (info.offset, info.length)):
             raise CheckpointError(f"{where}: entry {index.fqn!r} has a bad offset or length; refused")
+
+
+def _is_shape(value, rank: int | None = None) -> bool:
+    """A torch.Size (or a tuple or list) of ints >= 0, of `rank` dimensions if given."""
+    return isinstance(value, (tuple, list)) and all(_is_count(v) for v in value) \
+        and (rank is None or len(value) == rank)
+
+
+def _tensor_entry_problem(entry) -> str | None:
+    """What is wrong with the fields of a TensorStorageMetadata (DCP's classes can be unpickled holding values of
+    any kind), or None."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties
+
+    if not isinstance(entry.properties, TensorProperties) or not isinstance(entry.properties.dtype, torch.dtype):
+        return "its dtype is not a torch dtype"
+    if not _is_shape(entry.size):
+        return "its size is not a shape of sizes >= 0"
+    if not isinstance(entry.chunks, list) or not all(
+            isinstance(c, ChunkStorageMetadata) and _is_shape(c.offsets, len(entry.size))
+            and _is_shape(c.sizes, len(entry.size)) for c in entry.chunks):
+        return "its chunks are not offsets and sizes of its shape"
+    return None
 
 
 def safe_reader(path: Path):

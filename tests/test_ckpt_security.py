@@ -156,6 +156,34 @@ def test_a_storage_file_outside_the_checkpoint_is_refused(run_dir, data_dir, tmp
     assert code == 2 and "../../" in line and "not a file of the checkpoint" in line, line
 
 
+def mistype_entry(folder: Path, key: str, how: str) -> None:
+    """Give `key`'s metadata entry a dtype, size or chunk list of the wrong kind (DCP's own classes around it)."""
+    meta = pickle.loads((folder / ".metadata").read_bytes())
+    entry = meta.state_dict_metadata[key]
+    if how == "dtype-a-string":
+        entry.properties.dtype = "float32"
+    elif how == "size-negative":
+        entry.size = torch.Size([-4, 3])
+    elif how == "chunks-a-string":
+        entry.chunks = "x"
+    elif how == "chunk-offsets-a-string":
+        entry.chunks[0].offsets = "ab"
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+@pytest.mark.parametrize("how", ["dtype-a-string", "size-negative", "chunks-a-string", "chunk-offsets-a-string"])
+@pytest.mark.parametrize("verb", ["inspect", "consolidate"])
+def test_a_mistyped_metadata_entry_is_one_line(how, verb, run_dir, tmp_path, capsys):
+    """DCP's classes holding values of another kind (a crafted pickle can) are refused, not a traceback."""
+    out, ck = crafted(run_dir, tmp_path, lambda f: mistype_entry(f, "model.lm_head.weight", how))
+    argv = ["inspect", str(ck)] if verb == "inspect" else ["consolidate", str(ck), "--quiet", "--out",
+                                                                         str(tmp_path / "m.pt")]
+    code = ckpt_main(argv)
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and ".metadata" in line and "'model.lm_head.weight'" in line, line
+    assert not (tmp_path / "m.pt").exists()
+
+
 @pytest.mark.parametrize("payload", ["p4-stack-global-dotted-os.system", "p4-pickle.loads-to-reduce-eval",
                                      "pickled-object"])
 def test_load_optimizer_reads_through_the_safe_reader(payload, tmp_path):
