@@ -75,6 +75,10 @@ _POSITIVE_INTS = ("n_layer", "n_embd", "n_head", "n_query_groups", "head_size", 
                   "padded_vocab_size", "block_size")
 
 
+_MLP_CLASSES = ("LLaMAMLP", "GptNeoxMLP", "GemmaMLP", "LLaMAMoE")  # litgpt.model's feed-forward classes
+_NORM_CLASSES = ("RMSNorm", "LayerNorm")
+
+
 def check_shape(fields: dict[str, Any]) -> None:
     """A ValueError naming the first field of a Llama config that cannot make a working model."""
     def number(key: str) -> float:
@@ -98,6 +102,15 @@ def check_shape(fields: dict[str, Any]) -> None:
     for key in ("rope_base", "norm_eps"):
         if number(key) <= 0:
             raise ValueError(f"{key} must be > 0, got {fields[key]!r}")
+    # names litgpt looks up (litgpt.model / torch.nn) only when it builds the model
+    for key, known in (("mlp_class_name", _MLP_CLASSES), ("norm_class_name", _NORM_CLASSES)):
+        if fields.get(key, known[0]) not in known:
+            raise ValueError(f"{key} must be one of {', '.join(known)}, got {fields[key]!r}")
+    ratio = fields.get("rope_condense_ratio", 1)
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"rope_condense_ratio must be an integer >= 1, got {ratio!r}")
+    if not isinstance(fields.get("rope_adjustments"), (dict, type(None))):
+        raise ValueError(f"rope_adjustments must be a mapping or null, got {fields['rope_adjustments']!r}")
 
 
 def build_model(config: Config | str, device: torch.device | str | None = "meta") -> GPT:

@@ -227,6 +227,8 @@ CASES = [
          "model.overrides: head_size must be an integer >= 1, got 0"),
     Case("pretrain-query-groups-not-dividing", [*PRETRAIN, "--model.overrides", "{n_query_groups: 3}"], 2,
          "model.overrides: n_query_groups (3) must divide n_head (4)"),
+    Case("pretrain-mlp-class-unknown", [*PRETRAIN, "--model.overrides", "{mlp_class_name: Foo}"], 2,
+         "model.overrides: mlp_class_name must be one of"),  # was an AttributeError traceback, exit 1
     Case("pretrain-resume-not-step", [*PRETRAIN, "--resume", "{tmp}/elsewhere"], 2, "resume"),
     Case("pretrain-collective-timeout-0", [*PRETRAIN, "--system.collective_timeout_s", "0"], 2,
          "system.collective_timeout_s must be a number of seconds > 0"),

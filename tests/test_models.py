@@ -108,6 +108,11 @@ def test_init_statistics():
     ({"rotary_percentage": 1.5}, "rotary_percentage must lie in [0, 1], got 1.5"),
     ({"rope_base": 0}, "rope_base must be > 0, got 0"),
     ({"norm_eps": float("nan")}, "norm_eps must be a finite number, got nan"),
+    # litgpt looks these names up when it builds the model: an AttributeError traceback (exit 1) before
+    ({"mlp_class_name": "Foo"}, "mlp_class_name must be one of"),
+    ({"norm_class_name": "Linear"}, "norm_class_name must be one of"),
+    ({"rope_adjustments": 5}, "rope_adjustments must be a mapping or null, got 5"),
+    ({"rope_condense_ratio": 0}, "rope_condense_ratio must be an integer >= 1, got 0"),  # was a NaN loss (exit 1)
 ])
 def test_shapes_that_cannot_work_are_named(override, message):
     with pytest.raises(ValueError) as e:
