@@ -13,6 +13,7 @@ model. So this module
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,28 +53,25 @@ def load_model_config(path: Path):
     """The litgpt.Config of `model_config.yaml`; one CheckpointError naming the file if it is not one."""
     from litgpt import Config
 
+    from models.configs import check_shape
+
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (every checkpoint holds the model's litgpt config)")
     try:
         fields = yaml_safe.load(path.read_text())
         if not isinstance(fields, dict):
             raise ValueError(f"expected a mapping of litgpt.Config fields, got {type(fields).__name__}")
-        config = Config(**fields)
-        bad = [f"{k}={getattr(config, k)!r}" for k in SIZE_FIELDS if not _positive_int(getattr(config, k))]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} (sizes must be integers > 0)")
+        try:
+            config = Config(**fields)
+        except AssertionError:  # litgpt's bare asserts (n_head % n_query_groups, n_embd % n_head): name the fields
+            raise ValueError(f"n_query_groups ({fields.get('n_query_groups')}) must divide n_head "
+                             f"({fields.get('n_head')}), and n_head must divide n_embd ({fields.get('n_embd')}) when "
+                             f"head_size is not given") from None
+        check_shape(dataclasses.asdict(config))  # the same checks as a run's model.overrides
         return config
     except Exception as e:  # yaml errors, unknown fields (TypeError), invalid values
-        raise CheckpointError(f"{path}: not a valid litgpt model config: {' '.join(str(e).split())[:300]}") from None
-
-
-# the litgpt.Config fields that size the model's tensors
-SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "n_query_groups", "head_size", "intermediate_size", "vocab_size",
-               "padded_vocab_size", "block_size")
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+        raise CheckpointError(f"{path}: not a valid litgpt model config: "
+                              f"{' '.join(str(e).split())[:300] or type(e).__name__}") from None
 
 
 def load_keys(path: Path, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

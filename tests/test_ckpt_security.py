@@ -317,12 +317,14 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a
     ("model_config.yaml", "{MODEL}n_embd: abc\n", "not a valid litgpt model config"),
     ("model_config.yaml", "{MODEL}n_layer: 1000000000\n", "n_layer=1000000000"),
     ("model_config.yaml", "{MODEL}n_head: 0\n", "not a valid litgpt model config"),
-    ("model_config.yaml", "{MODEL}vocab_size: true\n", "vocab_size=True"),
+    ("model_config.yaml", "{MODEL}vocab_size: true\n", "vocab_size must be an integer >= 1, got True"),
+    ("model_config.yaml", "{MODEL}n_query_groups: 3\n", "n_query_groups (3) must divide n_head (4)"),  # was no reason
+    ("model_config.yaml", "{MODEL}mlp_class_name: Foo\n", "mlp_class_name must be one of"),
     ("config.yaml", MARKER_TAG, "config.yaml: invalid YAML"),
     ("config.yaml", BOMB, "aliases"),
     ("config.yaml", "[1, 2]\n", "not a training config"),
 ], ids=["mc-python-tag", "mc-alias", "mc-list", "mc-n_embd-str", "mc-n_layer-huge", "mc-n_head-0", "mc-vocab-bool",
-        "cfg-python-tag", "cfg-alias-bomb", "cfg-list"])
+        "mc-query-groups-3", "mc-mlp-class", "cfg-python-tag", "cfg-alias-bomb", "cfg-list"])
 def test_crafted_yaml_files_are_one_line(name, text, needle, run_dir, tmp_path, capsys):
     import yaml
 
@@ -347,6 +349,25 @@ def test_crafted_model_config_is_one_line_on_resume(run_dir, data_dir, tmp_path,
     code, err = entry_point("resume-path", out, ck, data_dir, capsys)
     line = one_error_line(err)
     assert code == 2 and "model_config.yaml" in line and not marker.exists(), line
+
+
+@pytest.mark.parametrize("field, value", [("mlp_class_name", "Foo"), ("rope_adjustments", 5)])
+def test_crafted_model_config_is_one_line_through_init_from(field, value, run_dir, data_dir, tmp_path, capsys):
+    """--init.from builds the model of PATH's model_config.yaml: names litgpt looks up were a traceback, exit 1."""
+    import yaml
+
+    def change(folder: Path) -> None:
+        f = folder / "model_config.yaml"
+        f.write_text(yaml.safe_dump({**yaml.safe_load(f.read_text()), field: value}))
+
+    _, ck = crafted(run_dir, tmp_path, change)
+    args = cli_args(tiny_config(data_dir, tmp_path / "fresh", init__from=str(ck), train__max_steps=1))
+    i = args.index("--model.name")
+    del args[i:i + 4]  # --model.name debug --model.overrides {}: unset, the model comes from init.from
+    assert not any(a.startswith("--model.") for a in args)
+    code = pretrain_main(args)
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and "model_config.yaml" in line and field in line, line
 
 
 # ------------------------------------------------------------------------------------------ damaged -> no export
