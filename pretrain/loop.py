@@ -269,7 +269,7 @@ def train(run: Run, stop: StopRequest) -> Result:
         lr, out = _one_step(run, thr)
         window.append(out.loss)
         stop_signal = _agreed_stop(fabric, stop)
-        if stop.requested:
+        if stop_signal:
             stop.acknowledge()  # the step ended (the ranks answered): the save may take its time now
         last = state.step == run.steps.total
         if state.step % cfg.logging.interval == 0 or last or stop_signal or state.step == first:
@@ -281,9 +281,12 @@ def train(run: Run, stop: StopRequest) -> Result:
                          "val_sequences": run.val_sequences})
         if (stop_signal or last or (cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0)) \
                 and saved_at != state.step:
-            if stop.requested:
-                stop.acknowledge()  # a signal after this step's agreement: the main thread is saving, not stuck
+            late = stop.requested and not stop_signal  # a signal after this step's agreement
+            if late:
+                stop.acknowledge()  # the main thread is saving, not stuck
             save(run, "signal" if stop_signal else ("end" if last else "interval"))
+            if late and not last:
+                stop.rearm()  # it stops after the next step, which gets stop_grace_s again
             saved_at = state.step
         if stop_signal:
             return _stopped(run, stop_signal)

@@ -31,6 +31,7 @@ import time
 HANDLED = (signal.SIGUSR1, signal.SIGTERM)
 WATCHED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 REPEAT_GRACE_S = 30.0
+_WAKE = 255  # a byte on the wake-up pipe that is no signal: the watchdog only recomputes its deadline
 
 
 class StopRequest:
@@ -42,7 +43,8 @@ class StopRequest:
     def __init__(self, grace_s: float | None = None) -> None:
         self.signum: int | None = None
         self.grace_s = grace_s or None
-        self._since = 0.0                 # monotonic time of the first stop signal
+        self._since = 0.0                 # monotonic time of the first stop signal (the repeat window)
+        self._deadline_from = 0.0         # ... or of the last rearm (system.stop_grace_s counts from here)
         self._interrupted = 0.0           # ... of the first Ctrl-C
         self._acknowledged = False
         self._lock = threading.Lock()
@@ -62,6 +64,17 @@ class StopRequest:
     def acknowledge(self) -> None:
         """The main thread reached the end of its step and stops now (saving): no deadline any more."""
         self._acknowledged = True
+
+    def rearm(self) -> None:
+        """The main thread saved without stopping (the signal came after the step's agreement) and trains one
+        more step: that step has `grace_s` again, counted from now."""
+        with self._lock:
+            self._deadline_from, self._acknowledged = time.monotonic(), False
+        if self._pipe is not None:
+            try:
+                os.write(self._pipe[1], bytes([_WAKE]))  # the watchdog recomputes its wait
+            except BlockingIOError:
+                pass  # the pipe is full of unread bytes: the watchdog wakes anyway
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is not threading.main_thread():
@@ -98,7 +111,8 @@ class StopRequest:
         """Set the stop signal if none is set yet; True if this call set it."""
         with self._lock:
             if self.signum is None and signum in HANDLED:
-                self.signum, self._since = signum, time.monotonic()
+                self.signum = signum
+                self._since = self._deadline_from = time.monotonic()
                 return True
             return False
 
@@ -136,7 +150,7 @@ class StopRequest:
         """Seconds until the next deadline (None: none pending)."""
         if self.grace_s is None:
             return None
-        starts = [t for t, pending in ((self._since, self.signum is not None and not self._acknowledged),
+        starts = [t for t, pending in ((self._deadline_from, self.signum is not None and not self._acknowledged),
                                        (self._interrupted, bool(self._interrupted))) if pending]
         return max(0.0, min(starts) + self.grace_s - time.monotonic()) if starts else None
 
@@ -145,7 +159,7 @@ class StopRequest:
         if self._interrupted and now - self._interrupted >= self.grace_s:
             _exit(signal.SIGINT, f"interrupted, and not finished {self.grace_s:g} s later (system.stop_grace_s): "
                                  f"exiting now")
-        if self.signum is not None and not self._acknowledged and now - self._since >= self.grace_s:
+        if self.signum is not None and not self._acknowledged and now - self._deadline_from >= self.grace_s:
             _exit(self.signum, f"{signal.Signals(self.signum).name}: the current step did not end within "
                                f"system.stop_grace_s={self.grace_s:g} s (a rank waits for another that stopped "
                                f"answering, or start-up is slow): exiting now without saving")

@@ -275,3 +275,45 @@ def test_a_rank_that_never_comes_ends_the_rendezvous_after_the_collective_timeou
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "the rendezvous of the ranks failed" in errors[0], text
     assert "Traceback" not in text, text
+
+
+def test_a_signal_after_the_agreement_of_a_saving_step_still_bounds_the_next_step(data_dir, tmp_path, monkeypatch):
+    """SIGUSR1 comes after step 2's stop agreement, and step 2 saves (interval): the run trains step 3 before it
+    stops, and step 3 must again end within system.stop_grace_s (it had no deadline: the save acknowledged the
+    signal for good, so a step 3 stuck on a stopped peer waited for the collective timeout)."""
+    import threading
+
+    from pretrain import loop, signals
+
+    exits: list[int] = []
+    fired = threading.Event()
+
+    def fake_exit(signum, message):  # the watchdog's os._exit, recorded instead (it fires until step 3 ends)
+        if not exits:
+            exits.append(signum)
+        fired.set()
+
+    monkeypatch.setattr(signals, "_exit", fake_exit)
+    agreed, one_step = loop._agreed_stop, loop._one_step
+
+    def agree_then_signal(fabric, stop):
+        result = agreed(fabric, stop)
+        if loop_state["run"].state.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # after this step's agreement
+        return result
+
+    loop_state: dict = {}
+
+    def step_that_hangs(run, thr):
+        loop_state["run"] = run
+        if run.state.step == 2:  # step 3: stuck (as on a stopped peer) until the watchdog would end the process
+            assert fired.wait(timeout=10), "no deadline for the step after a late signal's save"
+        return one_step(run, thr)
+
+    monkeypatch.setattr(loop, "_agreed_stop", agree_then_signal)
+    monkeypatch.setattr(loop, "_one_step", step_that_hangs)
+    cfg = tiny_config(data_dir, tmp_path / "run", train__max_steps=6, checkpoint__interval=2, eval__interval=0,
+                      system__stop_grace_s=0.5)
+    result = loop.fit(cfg)
+    assert exits == [signal.SIGUSR1]
+    assert result.stopped_by == "SIGUSR1" and result.step == 3
