@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 
 def free_port() -> int:
@@ -21,6 +22,12 @@ def _run(rank: int, fn, world: int, port: int, args: tuple) -> None:
         dist.barrier()  # no rank tears gloo down while another still works
     finally:
         dist.destroy_process_group()
+    # Done and torn down: leave without the interpreter's finalisation, where a gloo worker thread still holding
+    # the last collective's work can abort the process ("terminate called without an active exception", SIGABRT;
+    # seen once in CI after the worker had finished). A failure above still raises and is reported by mp.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world: int, *args) -> None:
