@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 
 from checkpoints_util.layout import latest_checkpoint
-from helpers.checkpoints import assert_close_tensors, assert_same_tensors, checkpoint_tensors
+from helpers.checkpoints import assert_close_tensors, assert_same_tensors, checkpoint_tensors, state_tensors
 from helpers.faults import PG_LEFT, recorded_steps
-from helpers.runs import cli_args, logged_losses, run_pretrain, tiny_config
+from helpers.runs import assert_losses_close, cli_args, logged_losses, run_pretrain, tiny_config
 from helpers.sharding import cut_blocks
 from pretrain.loop import fit
 
@@ -40,16 +40,6 @@ def launch(cfg, faults: str = "", record=None) -> str:
 
 def final(out_dir, step=STEPS) -> dict:
     return checkpoint_tensors(out_dir / f"step-{step:08d}")
-
-
-def state_tensors(d: dict) -> dict:
-    """The model and optimizer tensors of a checkpoint (not its step counters or data position)."""
-    return {k: v for k, v in d.items() if k.startswith(("model.", "optimizer.exp_avg"))}
-
-
-def assert_losses_close(a: dict, b: dict, steps, rtol: float = RTOL) -> None:
-    for s in steps:
-        assert abs(a[s] - b[s]) <= rtol * abs(a[s]), (s, a[s], b[s])
 
 
 @pytest.fixture(scope="module")

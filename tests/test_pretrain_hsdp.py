@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.checkpoints import assert_close_tensors, assert_same_tensors, checkpoint_tensors
-from helpers.runs import cli_args, logged_losses, run_pretrain, tiny_config
+from helpers.checkpoints import assert_close_tensors, assert_same_tensors, checkpoint_tensors, state_tensors
+from helpers.runs import assert_losses_close, cli_args, logged_losses, run_pretrain, tiny_config
 from helpers.sharding import cut_blocks
 from pretrain.loop import fit
 
@@ -44,15 +44,6 @@ def launch(cfg, faults: str = "") -> str:
 
 def final(out_dir, step=STEPS) -> dict:
     return checkpoint_tensors(out_dir / f"step-{step:08d}")
-
-
-def state_tensors(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k.startswith(("model.", "optimizer.exp_avg"))}
-
-
-def assert_losses_close(a: dict, b: dict, steps, rtol: float = RTOL) -> None:
-    for s in steps:
-        assert abs(a[s] - b[s]) <= rtol * abs(a[s]), (s, a[s], b[s])
 
 
 def stored_once(step_dir) -> int:

@@ -197,3 +197,8 @@ def save_format1_sharded(out_dir: Path, step: int, model, optimizer, tokens_seen
         dcp.save({"optimizer": sharded_state_dict(optimizer)}, checkpoint_id=str(path / "optimizer"), no_dist=True)
     _format1_common(path, step, tokens_seen, world, "model", "optimizer", "FSDPStrategy", loader)
     return path
+
+
+def state_tensors(d: dict) -> dict:
+    """The model and optimizer tensors of a checkpoint (not its step counters or data position)."""
+    return {k: v for k, v in d.items() if k.startswith(("model.", "optimizer.exp_avg"))}

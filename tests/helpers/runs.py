@@ -94,3 +94,9 @@ def train_log(out_dir: Path) -> list[dict]:
 
 def logged_losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in train_log(out_dir) if "loss" in r}
+
+
+def assert_losses_close(a: dict, b: dict, steps, rtol: float = 1e-5) -> None:
+    """Logged losses (step -> loss) of two runs agree at `steps` within `rtol` relative."""
+    for s in steps:
+        assert abs(a[s] - b[s]) <= rtol * abs(a[s]), (s, a[s], b[s])
