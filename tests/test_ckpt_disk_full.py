@@ -57,6 +57,16 @@ def run_verb(verb: str, ckpt: Path, out: Path, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def assert_save_fails_for_space(data_dir, out, capsys) -> None:
+    """A 2-step run that saves at step 2 on a full disk: exit 3, one line naming the checkpoint, nothing kept."""
+    code = pretrain_main(cli_args(tiny_config(data_dir, out, train__max_steps=2, checkpoint__interval=2,
+                                              eval__interval=2)))
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 3 and line == f"error: {out / 'step-00000002'}: could not write the checkpoint ({NO_SPACE}); " \
+                                 f"nothing was kept", line
+    assert not list(out.glob("*step-*"))
+
+
 @pytest.mark.parametrize("verb", list(VERBS))
 def test_a_writer_error_on_a_full_disk_is_exit_3(verb, ckpt, tmp_path, monkeypatch, capsys):
     import safetensors.torch
@@ -99,12 +109,7 @@ def test_a_checkpoint_save_on_a_full_disk_is_exit_3(data_dir, tmp_path, monkeypa
     monkeypatch.setattr(fs, "_write_item", full)
     disk_reports_full(monkeypatch)
     out = tmp_path / "run"
-    code = pretrain_main(cli_args(tiny_config(data_dir, out, train__max_steps=2, checkpoint__interval=2,
-                                              eval__interval=2)))
-    line = one_error_line(capsys.readouterr().err)
-    assert code == 3 and line == f"error: {out / 'step-00000002'}: could not write the checkpoint ({NO_SPACE}); " \
-                                 f"nothing was kept", line
-    assert not list(out.glob("*step-*"))
+    assert_save_fails_for_space(data_dir, out, capsys)
 
 
 # ------------------------------------------------------------------------------------------ a real full disk
@@ -138,10 +143,5 @@ def test_consolidate_and_export_on_a_real_full_disk(verb, ckpt, tiny_disk, capsy
 
 def test_a_checkpoint_save_on_a_real_full_disk(data_dir, tiny_disk, capsys):
     out = tiny_disk / "run"
-    code = pretrain_main(cli_args(tiny_config(data_dir, out, train__max_steps=2, checkpoint__interval=2,
-                                              eval__interval=2)))
-    line = one_error_line(capsys.readouterr().err)
-    assert code == 3 and line == f"error: {out / 'step-00000002'}: could not write the checkpoint ({NO_SPACE}); " \
-                                 f"nothing was kept", line
-    assert not list(out.glob("*step-*"))
+    assert_save_fails_for_space(data_dir, out, capsys)
     shutil.rmtree(out)
